@@ -1,0 +1,1 @@
+"""vqgen: hierarchical VQ-VAE-2 with gated PixelCNN priors."""

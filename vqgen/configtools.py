@@ -1,0 +1,195 @@
+"""Typed dataclass configs from TOML: strict loading, ``--set`` overrides and TOML output.
+
+Every config section is a ``@dataclass(kw_only=True)``. Fields may be ``int``, ``float``, ``bool``,
+``str``, ``Literal[...]``, ``tuple[int, ...]`` / ``tuple[float, ...]``, ``X | None`` or another
+config dataclass (a nested section). Loading rejects unknown keys and wrong types with a
+:class:`~vqgen.errors.ConfigError` that names the dotted key; ``__post_init__`` checks of values
+raise ``ConfigError(field_name, ...)`` and are re-raised here with the full dotted key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import types
+import typing
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from vqgen.errors import ConfigError
+
+T = TypeVar("T")
+
+
+def _join(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else key
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it converted (int→float, list→tuple)."""
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        options = get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(key, f"expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        choices = get_args(tp)
+        if value not in choices:
+            raise ConfigError(key, f"expected one of {list(choices)}, got {value!r}")
+        return value
+    if origin is tuple:
+        args = get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(key, f"expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        if len(args) != len(value):
+            raise ConfigError(key, f"expected {len(args)} items, got {len(value)}")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(args, value)))
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(key, f"expected a table (section), got {value!r}")
+        return from_dict(tp, value, prefix=key)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(key, f"expected bool (true/false), got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(key, f"expected int, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(key, f"expected float, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(key, f"expected str, got {value!r}")
+        return value
+    raise TypeError(f"{key}: unsupported config annotation {tp!r}")
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
+
+
+def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
+    """Build the dataclass ``cls`` from a (TOML) dict; unknown keys and wrong types name the key."""
+    if not isinstance(data, dict):
+        raise ConfigError(prefix, f"expected a table (section), got {data!r}")
+    fields = _field_types(cls)
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(
+            _join(prefix, unknown[0]),
+            f"unknown key (known keys of [{prefix or 'top level'}]: {', '.join(sorted(fields))})",
+        )
+    kwargs = {name: _coerce(value, fields[name], _join(prefix, name)) for name, value in data.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:
+        # __post_init__ names the field; give it its full dotted path.
+        if err.key and not err.key.startswith(prefix + ".") and prefix:
+            raise ConfigError(_join(prefix, err.key), str(err)[len(err.key) + 2 :]) from None
+        raise
+
+
+def _parse_override_value(text: str) -> Any:
+    """Parse the right-hand side of ``--set key=value`` as a TOML value; bare words are strings."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` strings to a raw config dict (before typed loading).
+
+    Values are parsed as TOML (``3e-4``, ``true``, ``[32, 32]``, ``"text"``); a bare word is a string.
+    Key validity and types are then checked by :func:`from_dict` like any other key.
+    """
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(item, "an override must look like section.key=value")
+        dotted, text = item.split("=", 1)
+        dotted = dotted.strip()
+        parts = dotted.split(".")
+        node = data
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(dotted, f"{part!r} is a value, not a section")
+            node = child
+        node[parts[-1]] = _parse_override_value(text.strip())
+    return data
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Dataclass → plain dict of TOML-friendly values (tuples become lists, None is dropped)."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            out[f.name] = to_dict(value)
+        elif isinstance(value, tuple):
+            out[f.name] = list(value)
+        elif value is not None:
+            out[f.name] = value
+    return out
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+        return f'"{escaped}"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def to_toml(data: dict[str, Any], prefix: str = "") -> str:
+    """Write a nested dict as TOML: a table's plain keys under ``[prefix]``, then its sub-tables."""
+    plain = [f"{k} = {_toml_value(v)}" for k, v in data.items() if not isinstance(v, dict)]
+    chunks = [(f"[{prefix}]\n" if prefix else "") + "\n".join(plain)] if plain else []
+    chunks += [to_toml(v, _join(prefix, k)) for k, v in data.items() if isinstance(v, dict)]
+    return "\n\n".join(c for c in chunks if c) + ("" if prefix else "\n")
+
+
+def loads_toml(text: str) -> dict[str, Any]:
+    return tomllib.loads(text)
+
+
+def load_toml(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError("", f"config file not found: {path}") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError("", f"{path} is not valid TOML: {err}") from None
