@@ -1,0 +1,48 @@
+"""Evaluation metrics: FID with cached reference statistics, PSNR, bits per dimension, codebook usage.
+
+Importing this package does not build the Inception network; :class:`InceptionFeatures` does.
+"""
+
+from vqgen.metrics.fid import (
+    FEATURE_DIM,
+    INCEPTION_CONFIG_KEY,
+    INCEPTION_FILENAME,
+    INCEPTION_URL,
+    FeatureMoments,
+    FeatureStats,
+    InceptionFeatures,
+    as_uint8_batches,
+    cached_reference_stats,
+    default_inception_path,
+    frechet_distance,
+    load_inception_state_dict,
+    reference_stats_key,
+    resolve_inception_weights,
+    score_images,
+    stats_from_features,
+    stats_from_images,
+)
+from vqgen.metrics.image import bits_per_dim, codebook_usage, psnr
+
+__all__ = [
+    "FEATURE_DIM",
+    "INCEPTION_CONFIG_KEY",
+    "INCEPTION_FILENAME",
+    "INCEPTION_URL",
+    "FeatureMoments",
+    "FeatureStats",
+    "InceptionFeatures",
+    "as_uint8_batches",
+    "bits_per_dim",
+    "cached_reference_stats",
+    "codebook_usage",
+    "default_inception_path",
+    "frechet_distance",
+    "load_inception_state_dict",
+    "psnr",
+    "reference_stats_key",
+    "resolve_inception_weights",
+    "score_images",
+    "stats_from_features",
+    "stats_from_images",
+]

@@ -1,0 +1,105 @@
+"""Stage extract-codes: encode every image once with the exported VQ-VAE into LMDB code stores.
+
+Writes ``codes/codes.lmdb`` (training split), ``codes/eval.lmdb`` (evaluation split, if configured)
+and ``codes/manifest.json`` last. Each process encodes its own shard (no padding, so no image is
+written twice); an interrupted extraction resumes by skipping the records already written, and a
+store whose metadata is not marked complete is never read as finished.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from vqgen.config import CodesStageConfig
+from vqgen.configtools import to_dict
+from vqgen.data.codes import CodeStoreWriter, inspect_store, read_store_meta
+from vqgen.data.datasets import DataConfig, build_dataset
+from vqgen.distributed import shard_indices
+from vqgen.manifest import StageResult
+from vqgen.models.export import load_model
+from vqgen.utils import sha256_json
+
+DIR = "codes"
+
+
+def config_hash(cfg: CodesStageConfig, data: DataConfig) -> str:
+    return sha256_json({"codes": to_dict(cfg), "data": to_dict(data)})
+
+
+def store_meta(model, image_size: int, num_classes: int, checksum: str) -> dict:
+    (ht, wt), (hb, wb) = model.latent_shapes(image_size)
+    k = model.config.num_codes
+    return {
+        "levels": [
+            {"name": "top", "shape": [ht, wt], "num_codes": k},
+            {"name": "bottom", "shape": [hb, wb], "num_codes": k},
+        ],
+        "num_classes": num_classes,
+        "source_checksum": checksum,
+        "image_size": image_size,
+    }
+
+
+@torch.no_grad()
+def extract_split(model, dataset, path: Path, meta: dict, cfg: CodesStageConfig, accelerator: Accelerator) -> float:
+    """Encode ``dataset`` into the store at ``path``; return this process's images per second."""
+    existing = read_store_meta(path)
+    if existing is not None and existing.get("source_checksum") != meta["source_checksum"]:
+        # Codes of another VQ-VAE: they cannot be resumed, start over.
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            shutil.rmtree(path)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        with CodeStoreWriter(path, commit_every=cfg.commit_every) as writer:
+            writer.write_meta({**meta, "count": len(dataset)}, complete=False)
+    accelerator.wait_for_everyone()
+    start, done = time.perf_counter(), 0
+    with CodeStoreWriter(path, commit_every=cfg.commit_every) as writer:
+        written = writer.existing_indices()
+        todo = [i for i in shard_indices(len(dataset), accelerator.process_index, accelerator.num_processes) if i not in written]
+        bar = tqdm(total=len(todo), desc=f"encode {path.name}", disable=not accelerator.is_main_process)
+        for first in range(0, len(todo), cfg.batch_size):
+            indices = todo[first : first + cfg.batch_size]
+            items = [dataset[i] for i in indices]
+            images = torch.stack([image for image, _ in items]).to(accelerator.device)
+            with accelerator.autocast():
+                top, bottom = model.encode(images)
+            writer.put_batch(indices, [top.cpu(), bottom.cpu()], [label for _, label in items])
+            done += len(indices)
+            bar.update(len(indices))
+        bar.close()
+    rate = done / max(time.perf_counter() - start, 1e-9)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        with CodeStoreWriter(path, commit_every=cfg.commit_every) as writer:
+            writer.finalize(len(dataset))
+    accelerator.wait_for_everyone()
+    return rate
+
+
+def run(cfg: CodesStageConfig, data: DataConfig, run_dir: Path, accelerator: Accelerator) -> StageResult:
+    stage_dir = run_dir / DIR
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    model, vq_cfg, checksum = load_model(run_dir / "vqvae", device=accelerator.device)
+    splits = [("train", "codes.lmdb")] + ([("eval", "eval.lmdb")] if cfg.include_eval else [])
+    metrics, outputs = {}, {}
+    for split, name in splits:
+        dataset = build_dataset(data, split)
+        meta = store_meta(model, data.image_size, dataset.num_classes, checksum)
+        rate = extract_split(model, dataset, stage_dir / name, meta, cfg, accelerator)
+        total_rate = accelerator.reduce(torch.tensor(rate, device=accelerator.device), "sum").item()
+        metrics[f"{split}_images_per_sec"] = total_rate
+        outputs[split] = {"store": name, "count": len(dataset)}
+    if accelerator.is_main_process:
+        for split, name in splits:
+            info = inspect_store(stage_dir / name)
+            metrics[f"{split}_usage"] = {lvl["name"]: lvl["usage_fraction"] for lvl in info["levels"]}
+    outputs["vqvae_sha256"] = checksum
+    return StageResult(outputs, metrics)

@@ -1,0 +1,107 @@
+"""Stage sample: ancestral sampling of top codes, then bottom codes, then the VQ-VAE decoder.
+
+Samples are made in global batches ``b = 0, 1, ...`` of ``batch_size``; batch ``b`` is drawn with
+its own generator seeded from ``(seed, b)``, so the samples do not depend on the number of
+processes, and process ``p`` makes batches ``p, p + world, ...`` (no index twice, none missing).
+Each finished batch is saved at once (``samples/parts/``), so an interrupted run resumes at the
+next unfinished batch. The end product: ``samples/samples.npz`` (uint8 images ``[N, C, H, W]`` and
+labels) and ``samples/grid.png``.
+"""
+
+from __future__ import annotations
+
+import io
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from vqgen.config import SampleStageConfig
+from vqgen.configtools import to_dict
+from vqgen.distributed import shard_indices
+from vqgen.manifest import StageResult
+from vqgen.models.export import load_model, read_export_info
+from vqgen.data.datasets import to_uint8
+from vqgen.pictures import save_grid
+from vqgen.sampling import sample
+from vqgen.utils import atomic_write_bytes, sha256_json
+
+DIR = "samples"
+
+
+def config_hash(cfg: SampleStageConfig) -> str:
+    return sha256_json({"sample": to_dict(cfg)})
+
+
+def _save_npz(path: Path, **arrays) -> None:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def _models_key(run_dir: Path) -> str:
+    return "".join(read_export_info(run_dir / d)["sha256"] for d in ("vqvae", "prior-top", "prior-bottom"))
+
+
+def _reset_parts_if_stale(parts: Path, key: str) -> None:
+    """Finished batches are kept for resume only if they came from this config and these models."""
+    stamp = parts / "key.txt"
+    if parts.exists() and (not stamp.exists() or stamp.read_text() != key):
+        shutil.rmtree(parts)
+    parts.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(stamp, key.encode())
+
+
+def load_samples(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """``(images uint8 [N, C, H, W], labels int64 [N])`` of a samples file (no pickle)."""
+    with np.load(path, allow_pickle=False) as data:
+        return data["images"], data["labels"]
+
+
+@torch.no_grad()
+def sample_batch(cfg: SampleStageConfig, models, batch: int, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` images of global batch ``batch``: uint8 ``[n, C, H, W]`` and labels (-1 if none)."""
+    vqvae, top_prior, bottom_prior = models
+    generator = torch.Generator(device="cpu").manual_seed(cfg.seed * 1_000_003 + batch)
+    num_classes = top_prior.config.num_classes
+    labels = None
+    if num_classes:
+        labels = (torch.full((n,), cfg.label) if cfg.label >= 0 else torch.randint(num_classes, (n,), generator=generator)).to(device)
+    top = sample(top_prior, n, labels=labels, config=cfg.top, generator=generator, cached=cfg.cached)
+    bottom_labels = labels if bottom_prior.config.num_classes else None
+    bottom = sample(bottom_prior, n, labels=bottom_labels, condition=top, config=cfg.bottom, generator=generator, cached=cfg.cached)
+    images = to_uint8(vqvae.decode_codes(top, bottom).float()).cpu()
+    return images, (labels.cpu() if labels is not None else torch.full((n,), -1))
+
+
+def run(cfg: SampleStageConfig, run_dir: Path, accelerator: Accelerator) -> StageResult:
+    stage_dir = run_dir / DIR
+    parts = stage_dir / "parts"
+    if accelerator.is_main_process:
+        _reset_parts_if_stale(parts, config_hash(cfg) + _models_key(run_dir))
+    accelerator.wait_for_everyone()
+    device = accelerator.device
+    models = tuple(load_model(run_dir / d, device=device)[0] for d in ("vqvae", "prior-top", "prior-bottom"))
+    num_batches = -(-cfg.num_samples // cfg.batch_size)
+    mine = shard_indices(num_batches, accelerator.process_index, accelerator.num_processes)
+    todo = [b for b in mine if not (parts / f"batch-{b:06d}.npz").exists()]
+    start, made = time.perf_counter(), 0
+    for b in tqdm(todo, desc="sample batches", disable=not accelerator.is_main_process):
+        n = min(cfg.batch_size, cfg.num_samples - b * cfg.batch_size)
+        images, labels = sample_batch(cfg, models, b, n, device)
+        _save_npz(parts / f"batch-{b:06d}.npz", images=images.numpy(), labels=labels.numpy())
+        made += n
+    rate = made / max(time.perf_counter() - start, 1e-9)
+    metrics = {"samples_per_sec": accelerator.reduce(torch.tensor(rate, device=device), "sum").item()} if made else {}
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        batches = [load_samples(parts / f"batch-{b:06d}.npz") for b in range(num_batches)]
+        images = np.concatenate([imgs for imgs, _ in batches])
+        labels = np.concatenate([labs for _, labs in batches])
+        _save_npz(stage_dir / "samples.npz", images=images, labels=labels)
+        save_grid(torch.from_numpy(images[: cfg.grid_size]), stage_dir / "grid.png")
+    return StageResult({"samples": "samples.npz", "grid": "grid.png", "count": cfg.num_samples}, metrics)

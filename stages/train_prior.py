@@ -1,0 +1,116 @@
+"""Stage train-prior: train the gated PixelCNN prior of one level on the extracted codes.
+
+Writes ``prior-top/`` or ``prior-bottom/``: ``checkpoints/``, ``model.safetensors`` + ``model.json``,
+``metrics.csv`` (train and validation bits/dim), ``samples.png`` while training, ``manifest.json``.
+The bottom prior is trained first in a pipeline, so the top prior's ``samples.png`` shows full
+ancestral samples (top codes → bottom codes → image); a bottom prior's samples are bottom codes
+drawn for the top codes of real held-out images.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Literal
+
+import torch
+from accelerate import Accelerator
+from torch.utils.data import DataLoader
+
+from vqgen.config import PriorStageConfig
+from vqgen.configtools import to_dict
+from vqgen.data.codes import CodeDataset
+from vqgen.distributed import shard_loader
+from vqgen.errors import ConfigError
+from vqgen.evaluation import prior_bits_per_dim, prior_loss_fn
+from vqgen.manifest import StageResult
+from vqgen.models.export import export_model, load_model
+from vqgen.models.pixelcnn import GatedPixelCNN, PriorConfig
+from vqgen.pictures import save_grid
+from vqgen.sampling import SamplerConfig, sample
+from vqgen.train import fit
+from vqgen.utils import sha256_json
+
+Level = Literal["top", "bottom"]
+
+
+def stage_dir_name(level: Level) -> str:
+    return f"prior-{level}"
+
+
+def config_hash(cfg: PriorStageConfig, level: Level) -> str:
+    return sha256_json({"level": level, "prior": to_dict(cfg)})
+
+
+def resolve_model_config(cfg: PriorStageConfig, store: CodeDataset, level: Level) -> PriorConfig:
+    """Fill the sizes that the code store dictates; refuse a config that contradicts them."""
+    levels = {lvl["name"]: lvl for lvl in store.levels}
+    derived = {
+        "num_codes": levels[level]["num_codes"],
+        "shape": tuple(levels[level]["shape"]),
+        "num_classes": store.num_classes if cfg.class_conditional else 0,
+        "condition_num_codes": levels["top"]["num_codes"] if level == "bottom" else 0,
+        "condition_shape": tuple(levels["top"]["shape"]) if level == "bottom" else (),
+    }
+    if cfg.class_conditional and store.num_classes == 0:
+        raise ConfigError("class_conditional", "the code store holds no class labels")
+    defaults = PriorConfig()
+    for key, value in derived.items():
+        given = getattr(cfg.model, key)
+        if given != getattr(defaults, key) and given != value:
+            raise ConfigError(f"model.{key}", f"is {given!r} but the code store needs {value!r} (leave it unset)")
+    return dataclasses.replace(cfg.model, **derived)
+
+
+@torch.no_grad()
+def write_samples(prior, level: Level, run_dir: Path, eval_store, n: int, path: Path, device) -> None:
+    """``samples.png``: decoded samples of the prior being trained (see the module docstring)."""
+    vqvae, _, _ = load_model(run_dir / "vqvae", device=device)
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    labels = None
+    if prior.config.num_classes:
+        labels = torch.arange(n, device=device) % prior.config.num_classes
+    real = [eval_store[i] for i in range(min(n, len(eval_store)))]
+    if level == "top":
+        top = sample(prior, len(real), labels=labels[: len(real)] if labels is not None else None,
+                     config=SamplerConfig(), generator=generator)
+        bottom_dir = run_dir / stage_dir_name("bottom")
+        if (bottom_dir / "model.json").exists():
+            bottom_prior, _, _ = load_model(bottom_dir, device=device)
+            bottom = sample(bottom_prior, len(real), labels=labels[: len(real)] if bottom_prior.config.num_classes else None,
+                            condition=top, config=SamplerConfig(), generator=generator)
+        else:  # no bottom prior yet: show the top samples over real bottom codes
+            bottom = torch.stack([r["bottom"] for r in real]).to(device)
+    else:
+        top = torch.stack([r["top"] for r in real]).to(device)
+        lab = torch.tensor([r["label"] for r in real], device=device) if prior.config.num_classes else None
+        bottom = sample(prior, len(real), labels=lab, condition=top, config=SamplerConfig(), generator=generator)
+    save_grid(vqvae.decode_codes(top.to(device), bottom.to(device)).float().cpu(), path)
+
+
+def run(cfg: PriorStageConfig, level: Level, run_dir: Path, accelerator: Accelerator) -> StageResult:
+    stage_dir = run_dir / stage_dir_name(level)
+    codes_dir = run_dir / "codes"
+    train_store = CodeDataset(codes_dir / "codes.lmdb")
+    eval_path = codes_dir / "eval.lmdb"
+    eval_store = CodeDataset(eval_path) if eval_path.exists() else train_store
+    model_cfg = resolve_model_config(cfg, train_store, level)
+    model = GatedPixelCNN(model_cfg)
+    eval_loader = shard_loader(eval_store, cfg.train.batch_size, accelerator)
+
+    def evaluate(model):
+        bpd = prior_bits_per_dim(model, eval_loader, accelerator, level, cfg.class_conditional, cfg.eval_batches)
+        return {"val_bits_per_dim": bpd}
+
+    def snapshot(model, step):
+        if accelerator.is_main_process and cfg.num_sample_images:
+            write_samples(model, level, run_dir, eval_store, cfg.num_sample_images, stage_dir / "samples.png", accelerator.device)
+
+    loss_fn = prior_loss_fn(level, cfg.class_conditional)
+    state = fit(model, train_store, cfg.train, accelerator, stage_dir, loss_fn, evaluate, snapshot)
+    model = accelerator.unwrap_model(model)
+    bpd = prior_bits_per_dim(model, eval_loader, accelerator, level, cfg.class_conditional)
+    checksum = export_model(model, model_cfg, stage_dir) if accelerator.is_main_process else None
+    outputs = {"model": "model.safetensors", "model_sha256": checksum, "steps": state.step}
+    return StageResult(outputs, {"val_bits_per_dim": bpd, "uniform_bits_per_dim": math.log2(model_cfg.num_codes)})

@@ -1,0 +1,62 @@
+"""Stage train-vqvae: train the hierarchical VQ-VAE-2 and export it for the later stages.
+
+Writes ``vqvae/``: ``checkpoints/`` (for resume), ``model.safetensors`` + ``model.json``,
+``metrics.csv``, ``recon.png`` (originals above reconstructions) and ``manifest.json`` last.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+
+from vqgen.config import VQVAEStageConfig
+from vqgen.configtools import to_dict
+from vqgen.data.datasets import DataConfig, build_dataset
+from vqgen.distributed import shard_loader
+from vqgen.evaluation import reconstruction_metrics, vqvae_loss
+from vqgen.manifest import StageResult
+from vqgen.models.export import export_model
+from vqgen.models.vqvae2 import VQVAE2
+from vqgen.pictures import save_grid
+from vqgen.train import fit
+from vqgen.utils import sha256_json
+
+DIR = "vqvae"
+
+
+def config_hash(cfg: VQVAEStageConfig, data: DataConfig) -> str:
+    return sha256_json({"vqvae": to_dict(cfg), "data": to_dict(data)})
+
+
+def write_recon_grid(model: VQVAE2, images: torch.Tensor, path: Path) -> None:
+    """``recon.png``: the originals in the top row, their reconstructions below."""
+    with torch.no_grad():
+        was_training = model.training
+        model.eval()
+        recon = model.decode_codes(*model.encode(images))
+        model.train(was_training)
+    save_grid(torch.cat([images.cpu(), recon.float().cpu()]), path, ncol=images.shape[0])
+
+
+def run(cfg: VQVAEStageConfig, data: DataConfig, run_dir: Path, accelerator: Accelerator) -> StageResult:
+    stage_dir = run_dir / DIR
+    train_set = build_dataset(data, "train", augment=data.hflip)
+    eval_set = build_dataset(data, "eval")
+    eval_loader = shard_loader(eval_set, cfg.train.batch_size, accelerator)
+    preview = torch.stack([eval_set[i][0] for i in range(min(cfg.num_recon_images, len(eval_set)))])
+    model = VQVAE2(cfg.model)
+
+    def evaluate(model):
+        return reconstruction_metrics(model, eval_loader, accelerator, max_batches=cfg.eval_batches)
+
+    def snapshot(model, step):
+        if accelerator.is_main_process:
+            write_recon_grid(model, preview.to(accelerator.device), stage_dir / "recon.png")
+
+    state = fit(model, train_set, cfg.train, accelerator, stage_dir, vqvae_loss, evaluate, snapshot)
+    model = accelerator.unwrap_model(model)
+    metrics = reconstruction_metrics(model, eval_loader, accelerator)  # the whole eval split
+    checksum = export_model(model, cfg.model, stage_dir) if accelerator.is_main_process else None
+    return StageResult({"model": "model.safetensors", "model_sha256": checksum, "steps": state.step}, metrics)

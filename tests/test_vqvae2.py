@@ -1,0 +1,140 @@
+"""Two-level VQ-VAE-2: shapes, top-to-bottom conditioning, encode/decode round trip, training, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vqgen.configtools import from_dict, to_dict
+from vqgen.errors import ConfigError, DataError
+from vqgen.models.vqvae2 import VQVAE2, VQVAEConfig
+
+TINY = dict(hidden_channels=16, res_channels=8, num_res_blocks=1, num_codes=32, code_dim=8)
+
+
+def _model(seed: int = 0, **overrides) -> VQVAE2:
+    torch.manual_seed(seed)
+    return VQVAE2(VQVAEConfig(**{**TINY, **overrides}))
+
+
+def _images(batch: int, size: int, channels: int = 3, seed: int = 1) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.rand(batch, channels, size, size, generator=gen) * 2 - 1
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_output_shapes(size):
+    model = _model()
+    x = _images(2, size)
+    out = model(x)
+    assert out.recon.shape == x.shape
+    assert out.codes_top.shape == (2, size // 8, size // 8) and out.codes_top.dtype == torch.int64
+    assert out.codes_bottom.shape == (2, size // 4, size // 4)
+    assert VQVAE2.latent_shapes(size) == ((size // 8, size // 8), (size // 4, size // 4))
+    for scalar in (out.loss, out.recon_loss, out.commitment_loss, out.perplexity_top, out.usage_bottom):
+        assert scalar.dim() == 0 and torch.isfinite(scalar)
+    expected = out.recon_loss + model.config.latent_loss_weight * out.commitment_loss
+    torch.testing.assert_close(out.loss, expected)
+
+
+def test_grayscale_input():
+    model = _model(in_channels=1)
+    assert model(_images(2, 16, channels=1)).recon.shape == (2, 1, 16, 16)
+
+
+def test_bottom_codes_depend_on_top_path():
+    model = _model().eval()
+    x = _images(4, 32)
+    top, bottom = model.encode(x)
+    # Same images, same bottom encoder; only the top codebook changes.
+    with torch.no_grad():
+        model.quantizer_top.codebook.mul_(-3.0)
+    top2, bottom2 = model.encode(x)
+    assert not torch.equal(bottom, bottom2)
+
+
+def test_decode_codes_matches_forward_in_eval():
+    model = _model().eval()
+    x = _images(3, 32)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        out = model(x)
+    codes_top, codes_bottom = model.encode(x)
+    assert torch.equal(codes_top, out.codes_top) and torch.equal(codes_bottom, out.codes_bottom)
+    torch.testing.assert_close(model.decode_codes(codes_top, codes_bottom), out.recon, atol=1e-5, rtol=1e-5)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_encode_never_updates_codebooks_in_training_mode():
+    model = _model().train()
+    before = model.quantizer_bottom.codebook.clone()
+    model.encode(_images(2, 32))
+    assert torch.equal(model.quantizer_bottom.codebook, before)
+    assert int(model.quantizer_bottom.step) == 0
+    model(_images(2, 32))
+    assert int(model.quantizer_bottom.step) == 1 and int(model.quantizer_top.step) == 1
+
+
+def test_adam_steps_reduce_loss():
+    model = _model()
+    # Smooth images (bilinear upsampling of 4x4 noise): learnable in a few steps, unlike pixel noise.
+    coarse = torch.rand(4, 3, 4, 4, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    x = F.interpolate(coarse, size=16, mode="bilinear", align_corners=False)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(30):
+        out = model(x)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        losses.append(out.loss.item())
+    assert losses[-1] < 0.6 * losses[0]
+    # Better than the best constant (per-channel mean) image: the codes carry information.
+    mean_baseline = (x - x.mean(dim=(0, 2, 3), keepdim=True)).pow(2).mean().item()
+    assert out.recon_loss.item() < 0.95 * mean_baseline
+
+
+def test_bf16_autocast_and_channels_last():
+    model = _model().to(memory_format=torch.channels_last)
+    x = _images(2, 32).to(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    assert out.recon.dtype == torch.bfloat16
+    assert out.loss.dtype == torch.float32 and torch.isfinite(out.loss)
+    assert model.quantizer_top.codebook.dtype == torch.float32
+    out.loss.backward()
+    grad = model.encoder_bottom[0].weight.grad
+    assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+def test_construction_is_deterministic():
+    a, b = _model(seed=5).state_dict(), _model(seed=5).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    c = _model(seed=6).state_dict()
+    assert not torch.equal(a["quantizer_top.codebook"], c["quantizer_top.codebook"])
+
+
+def test_bad_image_size_is_a_clear_error():
+    model = _model()
+    with pytest.raises(DataError, match="30x30 is not divisible by 8"):
+        model(_images(1, 30))
+    with pytest.raises(DataError, match="expected images of shape"):
+        model(_images(1, 32, channels=1))
+    with pytest.raises(ConfigError, match="^image_size:"):
+        VQVAE2.latent_shapes(36)
+    with pytest.raises(DataError, match="codes must lie in"):
+        model.decode_codes(torch.full((1, 4, 4), 32), torch.zeros(1, 8, 8, dtype=torch.long))
+
+
+def test_config_validation_and_round_trip():
+    with pytest.raises(ConfigError, match="^hidden_channels:"):
+        VQVAEConfig(hidden_channels=15)
+    with pytest.raises(ConfigError, match="^decay:"):
+        VQVAEConfig(decay=1.5)
+    with pytest.raises(ConfigError, match="vqvae.num_codes"):
+        from_dict(VQVAEConfig, {"num_codes": 0}, prefix="vqvae")
+    cfg = VQVAEConfig(**TINY, kernel_backend="torch")
+    assert from_dict(VQVAEConfig, to_dict(cfg)) == cfg
+    assert cfg.quantizer_config().num_codes == 32 and cfg.quantizer_config().kernel_backend == "torch"

@@ -1,0 +1,88 @@
+"""The ``vqgen`` command.
+
+    vqgen run pipelines/demo.toml [--set section.key=value ...] [--from STAGE]
+    vqgen stage train-prior pipelines/demo.toml --level top [--set ...]
+    vqgen config pipelines/demo.toml [--set ...]        # print the resolved config
+    vqgen codes inspect runs/demo                         # counts, shapes, code usage
+
+Multi-GPU / multi-node: the same commands under ``accelerate launch -m vqgen.cli ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from vqgen.errors import VQGenError
+
+STAGES = ("train-vqvae", "extract-codes", "train-prior", "sample", "evaluate")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vqgen", description="VQ-VAE-2 + gated PixelCNN priors, stage by stage.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(p):
+        p.add_argument("config", help="pipeline TOML, e.g. pipelines/demo.toml")
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                       help="override a config value (repeatable), e.g. --set vqvae.train.lr=3e-4")
+        return p
+
+    run = with_config(sub.add_parser("run", help="run every stage in order, skipping finished ones"))
+    run.add_argument("--from", dest="from_stage", help="start at this stage (earlier ones must have finished)")
+    stage = sub.add_parser("stage", help="run one stage")
+    stage.add_argument("stage", choices=STAGES)
+    with_config(stage)
+    stage.add_argument("--level", choices=("top", "bottom"), help="prior level (train-prior only)")
+    with_config(sub.add_parser("config", help="print the resolved config"))
+    codes = sub.add_parser("codes", help="code store tools")
+    codes_sub = codes.add_subparsers(dest="codes_command", required=True)
+    inspect = codes_sub.add_parser("inspect", help="counts, shapes and code usage of a run's code stores")
+    inspect.add_argument("run_dir")
+    return parser
+
+
+def _inspect(run_dir: str) -> None:
+    from pathlib import Path
+
+    from vqgen.data.codes import format_inspection, inspect_store
+
+    stores = sorted(Path(run_dir, "codes").glob("*.lmdb"))
+    if not stores:
+        raise VQGenError(f"no code stores in {Path(run_dir, 'codes')}: run extract-codes first")
+    for store in stores:
+        print(f"== {store}")
+        print(format_inspection(inspect_store(store)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "codes":
+            _inspect(args.run_dir)
+            return 0
+        from vqgen.config import config_to_toml, load_config
+        from vqgen.pipeline import run_pipeline, run_single_stage
+
+        cfg = load_config(args.config, args.overrides)
+        if args.command == "config":
+            print(config_to_toml(cfg), end="")
+        elif args.command == "run":
+            run_pipeline(cfg, from_stage=args.from_stage)
+        else:
+            name = args.stage
+            if name == "train-prior":
+                if args.level is None:
+                    raise VQGenError("train-prior needs --level top or --level bottom")
+                name = f"train-prior-{args.level}"
+            elif args.level is not None:
+                raise VQGenError("--level applies to train-prior only")
+            run_single_stage(cfg, name)
+    except VQGenError as err:
+        print(f"vqgen: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

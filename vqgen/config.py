@@ -1,0 +1,160 @@
+"""The pipeline config: one typed section per stage, loaded from ``pipelines/NAME.toml``.
+
+Each model module owns its architecture config (``VQVAEConfig``, ``PriorConfig``); this module only
+composes them into stage sections. A stage is handed its own section (plus the data section where
+it reads images), never the whole pipeline config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from vqgen.configtools import apply_overrides, from_dict, load_toml, to_dict, to_toml
+from vqgen.data.datasets import DataConfig
+from vqgen.errors import ConfigError
+from vqgen.models.pixelcnn import PriorConfig
+from vqgen.models.vqvae2 import VQVAEConfig
+from vqgen.sampling import SamplerConfig
+from vqgen.train import TrainConfig
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    """Where the run lives and how its processes are set up."""
+
+    name: str = "demo"
+    out_dir: str = "runs"
+    """Runs are written to ``out_dir/name`` (relative paths are relative to the working directory)."""
+    seed: int = 0
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    """"auto": bf16 on a GPU, float32 on a CPU."""
+    tracker: Literal["csv", "tensorboard", "none"] = "csv"
+
+    def __post_init__(self):
+        if not self.name or "/" in self.name:
+            raise ConfigError("name", f"must be a non-empty folder name, got {self.name!r}")
+
+
+@dataclass(kw_only=True)
+class VQVAEStageConfig:
+    """train-vqvae: the VQ-VAE-2 architecture and its optimisation."""
+
+    model: VQVAEConfig = field(default_factory=VQVAEConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    num_recon_images: int = 16
+    """Images in ``recon.png`` (originals above their reconstructions)."""
+    eval_batches: int = 8
+    """Validation batches for recon MSE / PSNR / codebook usage during training."""
+
+
+@dataclass(kw_only=True)
+class CodesStageConfig:
+    """extract-codes: encode the dataset into ``codes/codes.lmdb``."""
+
+    batch_size: int = 128
+    include_eval: bool = True
+    """Also encode the evaluation split (``codes/eval.lmdb``), for the priors' validation bits/dim."""
+    commit_every: int = 1024
+    """Records per LMDB write transaction."""
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise ConfigError("batch_size", "must be >= 1")
+        if self.commit_every < 1:
+            raise ConfigError("commit_every", "must be >= 1")
+
+
+@dataclass(kw_only=True)
+class PriorStageConfig:
+    """train-prior for one level.
+
+    ``model.num_codes``, ``model.shape``, ``model.condition_*`` and ``model.num_classes`` come from the
+    code store's metadata; leave them at their defaults (a different value that disagrees with the
+    store is an error).
+    """
+
+    model: PriorConfig = field(default_factory=PriorConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    class_conditional: bool = False
+    """Condition on the dataset's class labels (the store must hold labels)."""
+    num_sample_images: int = 16
+    """Decoded samples in ``samples.png``, written every ``train.image_every`` steps."""
+    eval_batches: int = 16
+    """Validation batches of held-out codes for bits/dim (0: use the whole eval store)."""
+
+
+@dataclass(kw_only=True)
+class PriorsConfig:
+    top: PriorStageConfig = field(default_factory=PriorStageConfig)
+    bottom: PriorStageConfig = field(default_factory=PriorStageConfig)
+
+
+@dataclass(kw_only=True)
+class SampleStageConfig:
+    """sample: ancestral sampling of top codes, bottom codes, then decoding."""
+
+    num_samples: int = 64
+    batch_size: int = 32
+    top: SamplerConfig = field(default_factory=SamplerConfig)
+    bottom: SamplerConfig = field(default_factory=SamplerConfig)
+    cached: bool = True
+    """Incremental sampling with activation caches (False: full recomputation, the slow reference)."""
+    label: int = -1
+    """Class to sample when the priors are class-conditional; -1 draws labels uniformly."""
+    seed: int = 0
+    grid_size: int = 64
+    """Samples shown in ``samples/grid.png``."""
+
+    def __post_init__(self):
+        if self.num_samples < 1 or self.batch_size < 1:
+            raise ConfigError("num_samples" if self.num_samples < 1 else "batch_size", "must be >= 1")
+
+
+@dataclass(kw_only=True)
+class EvaluateStageConfig:
+    """evaluate: FID of samples and reconstructions, PSNR, codebook usage, bits/dim, the report."""
+
+    inception_weights: str = ""
+    """Path of the FID Inception weights; empty: the torch hub cache (never downloaded here)."""
+    num_real: int = 0
+    """Real evaluation images for the reference statistics (0: the whole evaluation split)."""
+    num_recon: int = 0
+    """Images reconstructed for PSNR and rFID (0: as many as ``num_real``)."""
+    batch_size: int = 50
+    stats_cache: str = ""
+    """Folder for cached reference statistics; empty: ``out_dir/fid-stats``."""
+
+    def __post_init__(self):
+        for name in ("num_real", "num_recon"):
+            if getattr(self, name) < 0:
+                raise ConfigError(name, "must be >= 0")
+        if self.batch_size < 1:
+            raise ConfigError("batch_size", "must be >= 1")
+
+
+@dataclass(kw_only=True)
+class PipelineConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    vqvae: VQVAEStageConfig = field(default_factory=VQVAEStageConfig)
+    codes: CodesStageConfig = field(default_factory=CodesStageConfig)
+    prior: PriorsConfig = field(default_factory=PriorsConfig)
+    sample: SampleStageConfig = field(default_factory=SampleStageConfig)
+    evaluate: EvaluateStageConfig = field(default_factory=EvaluateStageConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.out_dir) / self.run.name
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> PipelineConfig:
+    """Load a pipeline TOML (or the defaults when ``path`` is None) and apply ``--set`` overrides."""
+    raw = load_toml(str(path)) if path is not None else {}
+    return from_dict(PipelineConfig, apply_overrides(raw, list(overrides)))
+
+
+def config_to_toml(cfg: PipelineConfig) -> str:
+    """The resolved config with every default written out (``run_dir/config.toml``)."""
+    return "# resolved vqgen config: every value, defaults included\n" + to_toml(to_dict(cfg))

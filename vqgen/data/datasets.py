@@ -1,0 +1,511 @@
+"""Image datasets for training and evaluation, behind one config section and one builder.
+
+``build_dataset(cfg, split)`` returns a map-style dataset whose items are ``(image, label)``: a float
+tensor [C,S,S] in [-1, 1] and an int (-1 when the source has no labels). Sources:
+
+- ``procedural``: coloured shapes drawn on the fly (no files; see :mod:`vqgen.data.procedural`).
+- ``cifar10`` / ``mnist`` / ``fashion_mnist``: torchvision's classes under ``root``. MNIST-style roots
+  that hold only the raw ``.gz`` idx files (which torchvision refuses without downloading) are read
+  directly, without writing anything to ``root``.
+- ``npz``: uint8 arrays in an ``.npz`` file (``images`` or ``train_images``/``test_images`` and the
+  matching ``labels`` keys).
+- ``folder``: every image file below ``root``, any depth, labels from first-level subfolder names.
+
+Where a source has no separate eval split (a folder without ``eval/`` or ``test/``, an ``.npz``
+with a single ``images`` array), a deterministic hold-out is used: every tenth item in sorted
+order (positions 9, 19, 29, ...) is eval and the rest is train, so the two never overlap.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Protocol
+
+import numpy as np
+import torch
+from einops import rearrange
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision.transforms.v2 import functional as TF
+
+from vqgen.data.procedural import EVAL_STREAM, TRAIN_STREAM, ProceduralShapes
+from vqgen.errors import ConfigError, DataError
+
+Split = Literal["train", "eval"]
+
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif"})
+HOLDOUT_EVERY = 10  # one item in ten goes to the hold-out eval split
+IDX_IMAGES_MAGIC = 2051
+IDX_LABELS_MAGIC = 2049
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """Where the images come from and how they are prepared."""
+
+    kind: Literal["procedural", "cifar10", "mnist", "fashion_mnist", "npz", "folder"] = "procedural"
+    """Image source; ``procedural`` needs no files."""
+    root: str = ""
+    """Dataset root (torchvision kinds), the ``.npz`` file, or the image folder."""
+    image_size: int = 32
+    """Side of the square images the model sees (a multiple of 8: the top codes are at 1/8)."""
+    channels: int = 3
+    """Channels the model sees: grey sources are repeated to 3, colour ones averaged to 1."""
+    download: bool = False
+    """Let torchvision download CIFAR-10 / MNIST / Fashion-MNIST into ``root`` when missing."""
+    num_train: int = 0
+    """Use only the first N training images (0 = all)."""
+    num_eval: int = 0
+    """Use only the first N eval images (0 = all)."""
+    procedural_size: int = 20000
+    """Number of procedural train images; the eval split (another seed stream) has a quarter."""
+    seed: int = 0
+    """Seed of the procedural images."""
+    hflip: bool = False
+    """Random horizontal flips at training time."""
+    on_corrupt: Literal["error", "skip"] = "error"
+    """A corrupt file in a folder dataset: stop with an error naming it, or skip it and count it."""
+    num_workers: int = 0
+    """DataLoader worker processes."""
+
+    def __post_init__(self):
+        if self.kind != "procedural" and not self.root:
+            raise ConfigError("root", f"kind = {self.kind!r} needs a root (dataset folder or file)")
+        if self.image_size < 8 or self.image_size % 8:
+            raise ConfigError("image_size", f"must be a positive multiple of 8, got {self.image_size}")
+        if self.channels not in (1, 3):
+            raise ConfigError("channels", f"must be 1 or 3, got {self.channels}")
+        for name in ("num_train", "num_eval", "num_workers", "seed"):
+            if getattr(self, name) < 0:
+                raise ConfigError(name, f"must be >= 0, got {getattr(self, name)}")
+        if self.procedural_size < 1:
+            raise ConfigError("procedural_size", f"must be >= 1, got {self.procedural_size}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Pixel helpers
+
+
+def denormalize(images: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] → float in [0, 1] (clamped), any shape."""
+    return ((images.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] → uint8 in [0, 255] (rounded, clamped), any shape."""
+    return (denormalize(images) * 255.0).round().to(torch.uint8)
+
+
+def match_channels(image: torch.Tensor, channels: int) -> torch.Tensor:
+    """[c,H,W] → [channels,H,W]: grey is repeated to RGB, RGB becomes luma (ITU-R 601 weights)."""
+    have = image.shape[0]
+    if have == channels:
+        return image
+    if have == 1 and channels == 3:
+        return image.expand(3, -1, -1).clone()
+    if have == 3 and channels == 1:
+        weights = image.new_tensor([0.299, 0.587, 0.114])
+        return torch.einsum("chw,c->hw", image, weights)[None]
+    raise DataError(f"cannot convert a {have}-channel image to {channels} channels")
+
+
+@dataclass(frozen=True)
+class ImageTransform:
+    """uint8 array [H,W] or [H,W,C] → float tensor [channels,S,S] in [-1, 1].
+
+    Resizes the shorter side to ``image_size`` (bilinear, antialiased), center-crops to a square,
+    and flips horizontally with probability 1/2 when ``hflip``.
+    """
+
+    image_size: int
+    channels: int
+    hflip: bool = False
+
+    def __call__(self, image: np.ndarray) -> torch.Tensor:
+        image = np.asarray(image)
+        image = image[None] if image.ndim == 2 else rearrange(image, "h w c -> c h w")
+        # Scale in NumPy: one pass, and a fresh writable array even when the source is read-only.
+        pixels = np.array(image, dtype=np.float32, order="C")
+        pixels *= 1.0 / 127.5
+        pixels -= 1.0
+        x = match_channels(torch.from_numpy(pixels), self.channels)  # [C,H,W]
+        size = self.image_size
+        if x.shape[-2:] != (size, size):
+            x = TF.resize(x, [size], antialias=True)
+            x = TF.center_crop(x, [size, size]).clamp(-1.0, 1.0)
+        if self.hflip and torch.rand(()) < 0.5:
+            x = x.flip(-1)
+        return x.contiguous()
+
+
+# ----------------------------------------------------------------------------------------------
+# Sources: each gives len(), load(i) -> (uint8 [H,W] or [H,W,C], label) and class metadata.
+
+
+class ImageSource(Protocol):
+    """What :class:`ImageDataset` needs from a source: items as uint8 arrays plus class metadata."""
+
+    num_classes: int
+    class_names: tuple[str, ...]
+
+    def __len__(self) -> int: ...
+
+    def load(self, index: int) -> tuple[np.ndarray, int]: ...
+
+
+class ArraySource:
+    """Images held in memory as one uint8 array [N,H,W] or [N,H,W,C] with optional labels [N]."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray | None, num_classes: int,
+                 class_names: tuple[str, ...] = ()):
+        self.images = images
+        self.labels = labels
+        self.num_classes = num_classes
+        self.class_names = class_names
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def load(self, index: int) -> tuple[np.ndarray, int]:
+        label = -1 if self.labels is None else int(self.labels[index])
+        return self.images[index], label
+
+
+def holdout_indices(n: int, split: Split) -> np.ndarray:
+    """Deterministic hold-out: eval = positions 9, 19, 29, ... (the last item if n < 10), train = rest."""
+    positions = np.arange(n)
+    is_eval = positions % HOLDOUT_EVERY == HOLDOUT_EVERY - 1
+    if n and not is_eval.any():
+        is_eval[-1] = True
+    return positions[is_eval] if split == "eval" else positions[~is_eval]
+
+
+# --- idx files (MNIST, Fashion-MNIST) ---------------------------------------------------------
+
+
+def read_idx(path: str | os.PathLike, expected_magic: int) -> np.ndarray:
+    """Read an idx file (optionally gzipped) into a uint8 array.
+
+    The header is big-endian: a magic number (2051 for images, 2049 for labels, i.e. 0x08 = uint8
+    data and the number of dimensions in the low byte), then one int32 size per dimension.
+    """
+    path = Path(path)
+    try:
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as err:
+        raise DataError(f"cannot read idx file {path}: {err}") from err
+    if len(raw) < 4:
+        raise DataError(f"idx file {path} is too short for a header ({len(raw)} bytes)")
+    magic = int.from_bytes(raw[:4], "big")
+    if magic != expected_magic:
+        raise DataError(f"idx file {path}: magic number {magic}, expected {expected_magic}")
+    ndim = magic & 0xFF
+    header_len = 4 + 4 * ndim
+    if len(raw) < header_len:
+        raise DataError(f"idx file {path} is truncated inside its header")
+    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    expected = int(np.prod(shape))
+    if len(raw) - header_len != expected:
+        raise DataError(
+            f"idx file {path}: header says shape {shape} ({expected} bytes of data), "
+            f"found {len(raw) - header_len} bytes"
+        )
+    return np.frombuffer(raw, dtype=np.uint8, offset=header_len).reshape(shape)
+
+
+def _find_idx_file(folder: Path, name: str) -> Path | None:
+    for candidate in (folder / f"{name}.gz", folder / name):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def load_idx_split(root: Path, class_name: str, split: Split) -> tuple[np.ndarray, np.ndarray]:
+    """Images [N,H,W] and labels [N] of an MNIST-style split from raw idx files under ``root``.
+
+    Looked for in ``root/<class_name>/raw``, ``root/raw`` and ``root`` itself, gzipped or not.
+    """
+    prefix = "train" if split == "train" else "t10k"
+    names = (f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte")
+    folders = [root / class_name / "raw", root / "raw", root]
+    for folder in folders:
+        found = [_find_idx_file(folder, name) for name in names]
+        if all(found):
+            images = read_idx(found[0], IDX_IMAGES_MAGIC)
+            labels = read_idx(found[1], IDX_LABELS_MAGIC)
+            if len(images) != len(labels):
+                raise DataError(f"{found[0]} has {len(images)} images but {found[1]} has {len(labels)} labels")
+            return images, labels
+    searched = ", ".join(str(f) for f in folders)
+    raise DataError(
+        f"{class_name} {split} split not found under {root}: looked for {names[0]}(.gz) and "
+        f"{names[1]}(.gz) in {searched}; set data.download = true to let torchvision fetch them"
+    )
+
+
+# --- torchvision ------------------------------------------------------------------------------
+
+_TORCHVISION_CLASSES = {"cifar10": "CIFAR10", "mnist": "MNIST", "fashion_mnist": "FashionMNIST"}
+
+
+def torchvision_source(cfg: DataConfig, split: Split) -> ArraySource:
+    """CIFAR-10 / MNIST / Fashion-MNIST through torchvision, with a raw-idx fallback for MNIST kinds."""
+    import torchvision.datasets
+
+    class_name = _TORCHVISION_CLASSES[cfg.kind]
+    dataset_cls = getattr(torchvision.datasets, class_name)
+    root = Path(cfg.root)
+    try:
+        dataset = dataset_cls(str(root), train=split == "train", download=cfg.download)
+    except (RuntimeError, OSError) as err:
+        if cfg.kind == "cifar10":
+            raise DataError(
+                f"CIFAR-10 not found under {root} (looked for {root / 'cifar-10-batches-py'}): {err}; "
+                "set data.download = true to let torchvision fetch it"
+            ) from err
+        try:
+            images, labels = load_idx_split(root, class_name, split)
+        except DataError as missing:
+            if cfg.download:  # the download itself failed; say so rather than suggest it
+                raise DataError(f"torchvision could not download {class_name} into {root}: {err}") from err
+            raise missing from None
+        return ArraySource(images, labels, 10, tuple(dataset_cls.classes))
+    images = dataset.data.numpy() if torch.is_tensor(dataset.data) else np.asarray(dataset.data)
+    labels = np.asarray(dataset.targets, dtype=np.int64)
+    return ArraySource(images, labels, len(dataset.classes), tuple(dataset.classes))
+
+
+# --- npz --------------------------------------------------------------------------------------
+
+
+def _npz_images(arrays, path: Path, key: str) -> np.ndarray:
+    images = arrays[key]
+    if images.dtype != np.uint8:
+        raise DataError(f"{path}: array {key!r} must be uint8 images, got dtype {images.dtype}")
+    if images.ndim == 4 and images.shape[-1] not in (1, 3):
+        raise DataError(f"{path}: array {key!r} has {images.shape[-1]} channels (NHWC), expected 1 or 3")
+    if images.ndim not in (3, 4) or 0 in images.shape:
+        raise DataError(f"{path}: array {key!r} must be NHW or NHWC images, got shape {images.shape}")
+    return images
+
+
+def _npz_labels(arrays, path: Path, key: str, count: int) -> np.ndarray:
+    labels = arrays[key]
+    if labels.ndim != 1 or len(labels) != count:
+        raise DataError(f"{path}: array {key!r} must hold {count} labels (shape [{count}]), got {labels.shape}")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(f"{path}: array {key!r} must hold integer labels, got dtype {labels.dtype}")
+    if count and labels.min() < 0:
+        raise DataError(f"{path}: array {key!r} holds a negative label ({labels.min()})")
+    return labels.astype(np.int64)
+
+
+def npz_source(cfg: DataConfig, split: Split) -> ArraySource:
+    """Images from an ``.npz``: ``train_images``/``test_images`` (+ labels) or one ``images`` array.
+
+    With only ``images``, the split is the deterministic hold-out (see :func:`holdout_indices`).
+    ``num_classes`` is 1 + the largest label in any label array of the file, so train and eval agree.
+    """
+    path = Path(cfg.root)
+    if not path.is_file():
+        raise DataError(f"npz file not found: {path}")
+    try:
+        arrays = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise DataError(f"cannot read {path} as an .npz file: {err}") from err
+    with arrays:
+        keys = set(arrays.files)
+        split_key = "train_images" if split == "train" else "test_images"
+        if split_key in keys:
+            image_key, label_key, subset = split_key, split_key.replace("images", "labels"), None
+        elif "images" in keys:
+            image_key, label_key, subset = "images", "labels", holdout_indices(len(arrays["images"]), split)
+        else:
+            raise DataError(f"{path}: no {split_key!r} or 'images' array (arrays found: {sorted(keys)})")
+        images = _npz_images(arrays, path, image_key)
+        labels = _npz_labels(arrays, path, label_key, len(images)) if label_key in keys else None
+        label_keys = [k for k in ("labels", "train_labels", "test_labels") if k in keys]
+        num_classes = max((int(arrays[k].max()) + 1 for k in label_keys if arrays[k].size), default=0)
+    if subset is not None:
+        images = images[subset]
+        labels = None if labels is None else labels[subset]
+    return ArraySource(images, labels, num_classes)
+
+
+# --- image folder -----------------------------------------------------------------------------
+
+
+def list_image_files(folder: Path, exclude: frozenset[Path] = frozenset()) -> list[Path]:
+    """Every image file below ``folder`` (any depth, hidden entries skipped), in sorted order."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        here = Path(dirpath)
+        # Pruning and sorting in place makes os.walk itself deterministic.
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and here / d not in exclude)
+        for name in sorted(filenames):
+            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS:
+                found.append(here / name)
+    return found
+
+
+def check_image_header(path: Path) -> str | None:
+    """``None`` when PIL can identify and verify ``path`` (no full decode), else the reason."""
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except Exception as err:  # PIL raises many types on bad input (OSError, SyntaxError, struct.error...)
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+class FolderSource:
+    """Images below a folder; labels from first-level subfolder names (sorted), else -1.
+
+    Split folders: ``root/eval`` or ``root/test`` is the eval split when present (and ``root/train``,
+    if present, the train split); otherwise both splits come from the deterministic hold-out.
+    Files are verified cheaply at construction (header + PIL ``verify``, no decoding; with
+    ``limit`` only until that many good files are found); data truncated past what that checks is
+    reported as a :class:`DataError` naming the file when it is loaded.
+    """
+
+    def __init__(self, root: Path, split: Split, on_corrupt: str, mode: str, limit: int = 0):
+        if not root.is_dir():
+            raise DataError(f"image folder not found: {root}")
+        self.mode = mode
+        eval_dir = next((root / d for d in ("eval", "test") if (root / d).is_dir()), None)
+        train_dir = root / "train" if eval_dir is not None and (root / "train").is_dir() else root
+        exclude = frozenset({root / "eval", root / "test"}) if eval_dir is not None else frozenset()
+
+        train_files = list_image_files(train_dir, exclude)
+        self.class_names = self._class_names(train_files, train_dir)
+        if eval_dir is not None and split == "eval":
+            top, files = eval_dir, list_image_files(eval_dir)
+        elif eval_dir is not None:
+            top, files = train_dir, train_files
+        else:
+            top, files = train_dir, [train_files[i] for i in holdout_indices(len(train_files), split)]
+        if not files:
+            extensions = ", ".join(sorted(IMAGE_EXTENSIONS))
+            raise DataError(f"no image files ({extensions}) found for split {split!r} under {top}")
+
+        self.files, self.skipped = self._verified(files, on_corrupt, limit)
+        class_ids = {name: i for i, name in enumerate(self.class_names)}
+        self.labels = [self._label(path, top, class_ids) for path in self.files]
+        self.num_classes = len(self.class_names)
+
+    @staticmethod
+    def _class_names(files: list[Path], top: Path) -> tuple[str, ...]:
+        """Sorted names of the first-level subfolders that hold at least one image."""
+        parts = (f.relative_to(top).parts for f in files)
+        return tuple(sorted({p[0] for p in parts if len(p) > 1}))
+
+    @staticmethod
+    def _label(path: Path, top: Path, class_ids: dict[str, int]) -> int:
+        parts = path.relative_to(top).parts
+        if len(parts) == 1 or not class_ids:  # a file directly in the split folder has no class
+            return -1
+        if parts[0] not in class_ids:
+            raise DataError(f"{path}: class folder {parts[0]!r} is not one of the train classes "
+                            f"{list(class_ids)}")
+        return class_ids[parts[0]]
+
+    @staticmethod
+    def _verified(files: list[Path], on_corrupt: str, limit: int) -> tuple[list[Path], list[Path]]:
+        good, skipped = [], []
+        for path in files:
+            if limit and len(good) == limit:
+                break
+            problem = check_image_header(path)
+            if problem is None:
+                good.append(path)
+            elif on_corrupt == "skip":
+                skipped.append(path)
+            else:
+                raise DataError(f"corrupt or unreadable image {path} ({problem}); "
+                                "set data.on_corrupt = \"skip\" to skip such files")
+        if not good:
+            raise DataError(f"every image file was corrupt ({len(skipped)} skipped, e.g. {skipped[0]})")
+        return good, skipped
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def load(self, index: int) -> tuple[np.ndarray, int]:
+        path = self.files[index]
+        try:
+            with Image.open(path) as image:
+                pixels = np.asarray(image.convert(self.mode))  # convert() decodes the whole file
+        except Exception as err:  # truncated data only shows up when decoding
+            raise DataError(f"cannot decode image {path}: {type(err).__name__}: {err}") from err
+        return pixels, self.labels[index]
+
+
+# ----------------------------------------------------------------------------------------------
+# The dataset
+
+
+class ImageDataset(Dataset):
+    """The first ``length`` items of ``source``, transformed: ``(float [C,S,S] in [-1,1], label)``.
+
+    Attributes: ``num_classes`` (0 when unlabelled), ``class_names``, ``num_skipped`` (corrupt files
+    left out of a folder dataset) and ``skipped_files``.
+    """
+
+    def __init__(self, source: ImageSource, transform: ImageTransform, limit: int = 0):
+        self.source = source
+        self.transform = transform
+        self.length = min(limit, len(source)) if limit > 0 else len(source)
+        self.num_classes = source.num_classes
+        self.class_names = tuple(source.class_names)
+        self.skipped_files = tuple(getattr(source, "skipped", ()))
+        self.num_skipped = len(self.skipped_files)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        if not 0 <= index < self.length:
+            raise IndexError(f"index {index} out of range for a dataset of {self.length} images")
+        image, label = self.source.load(index)
+        return self.transform(image), label
+
+
+def _procedural_source(cfg: DataConfig, split: Split) -> ProceduralShapes:
+    if split == "train":
+        return ProceduralShapes(cfg.procedural_size, cfg.image_size, cfg.seed, TRAIN_STREAM)
+    return ProceduralShapes(max(1, cfg.procedural_size // 4), cfg.image_size, cfg.seed, EVAL_STREAM)
+
+
+def build_source(cfg: DataConfig, split: Split) -> ImageSource:
+    """The untransformed source of ``cfg.kind`` for ``split``; raises DataError when it is missing."""
+    if split not in ("train", "eval"):
+        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+    if cfg.kind == "procedural":
+        return _procedural_source(cfg, split)
+    root = Path(cfg.root)
+    if not root.exists() and not (cfg.kind in _TORCHVISION_CLASSES and cfg.download):
+        raise DataError(f"data root not found: {root} (data.kind = {cfg.kind!r})"
+                        + ("; set data.download = true to fetch it" if cfg.kind in _TORCHVISION_CLASSES else ""))
+    if cfg.kind in _TORCHVISION_CLASSES:
+        return torchvision_source(cfg, split)
+    if cfg.kind == "npz":
+        return npz_source(cfg, split)
+    limit = cfg.num_train if split == "train" else cfg.num_eval
+    return FolderSource(root, split, cfg.on_corrupt, mode="L" if cfg.channels == 1 else "RGB", limit=limit)
+
+
+def build_dataset(cfg: DataConfig, split: Split, augment: bool = False) -> ImageDataset:
+    """The dataset of ``cfg`` for ``split``: items ``(image float [C,S,S] in [-1,1], label int)``.
+
+    ``augment`` enables the train-time augmentation the config asks for (``hflip``). The first
+    ``num_train`` / ``num_eval`` items are kept when those are set. Deterministic apart from flips.
+    """
+    source = build_source(cfg, split)
+    transform = ImageTransform(cfg.image_size, cfg.channels, hflip=augment and cfg.hflip)
+    limit = cfg.num_train if split == "train" else cfg.num_eval
+    return ImageDataset(source, transform, limit)

@@ -1,0 +1,22 @@
+"""Splitting work across processes without DistributedSampler's padding."""
+
+from __future__ import annotations
+
+from accelerate import Accelerator
+from torch.utils.data import DataLoader, Dataset, Subset
+
+
+def shard_indices(n: int, rank: int, world_size: int) -> range:
+    """This process's items of ``range(n)``: every item belongs to exactly one process.
+
+    DistributedSampler pads the last round with repeats so that shards have equal length; for
+    evaluation and code extraction a repeat would count an image twice, so shards differ by at
+    most one item instead.
+    """
+    return range(rank, n, world_size)
+
+
+def shard_loader(dataset: Dataset, batch_size: int, accelerator: Accelerator, num_workers: int = 0) -> DataLoader:
+    """An in-order DataLoader over this process's shard (no padding, no shuffling)."""
+    indices = shard_indices(len(dataset), accelerator.process_index, accelerator.num_processes)
+    return DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False, num_workers=num_workers)

@@ -1,0 +1,102 @@
+"""Dataset-level figures computed during and after training, correct under several processes.
+
+Each function runs on every process over its shard of a prepared DataLoader and reduces across
+processes, so every rank returns the same numbers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from accelerate import Accelerator
+
+from vqgen.metrics.image import psnr
+
+
+def vqvae_loss(model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """train-vqvae's micro-batch loss: reconstruction MSE + weighted commitment terms."""
+    images = batch[0]
+    out = model(images)
+    return out.loss, {
+        "recon_mse": out.recon_loss,
+        "commitment": out.commitment_loss,
+        "perplexity_top": out.perplexity_top,
+        "perplexity_bottom": out.perplexity_bottom,
+    }
+
+
+def _usage(counts: torch.Tensor) -> tuple[float, float]:
+    """Fraction of codes used and perplexity of a code histogram."""
+    probs = counts / counts.sum().clamp_min(1)
+    entropy = -(probs[probs > 0] * probs[probs > 0].log()).sum()
+    return (counts > 0).float().mean().item(), entropy.exp().item()
+
+
+@torch.no_grad()
+def reconstruction_metrics(model, loader, accelerator: Accelerator, max_batches: int = 0) -> dict[str, float]:
+    """Reconstruction MSE and PSNR (on [-1, 1] images, data range 2) and per-level codebook usage.
+
+    Usage is the fraction of each level's codes that the evaluated images use at least once.
+    """
+    was_training = model.training
+    model.eval()
+    num_codes = model.config.num_codes
+    counts = {level: torch.zeros(num_codes, device=accelerator.device) for level in ("top", "bottom")}
+    sq_err, psnr_sum, n = torch.zeros((), device=accelerator.device), torch.zeros((), device=accelerator.device), 0
+    for i, (images, _) in enumerate(loader):
+        if max_batches and i >= max_batches:
+            break
+        images = images.to(accelerator.device)
+        top, bottom = model.encode(images)
+        recon = model.decode_codes(top, bottom).float().clamp(-1, 1)
+        sq_err += (recon - images).pow(2).mean(dim=(1, 2, 3)).sum()
+        psnr_sum += psnr(recon, images, data_range=2.0)[0].sum().float()
+        n += images.shape[0]
+        counts["top"] += torch.bincount(top.flatten(), minlength=num_codes)
+        counts["bottom"] += torch.bincount(bottom.flatten(), minlength=num_codes)
+    model.train(was_training)
+    total = accelerator.reduce(torch.tensor(float(n), device=accelerator.device), "sum").item()
+    sq_err, psnr_sum = accelerator.reduce(sq_err, "sum"), accelerator.reduce(psnr_sum, "sum")
+    metrics = {"val_recon_mse": sq_err.item() / total, "val_psnr": psnr_sum.item() / total, "val_images": total}
+    for level, level_counts in counts.items():
+        used, perplexity = _usage(accelerator.reduce(level_counts, "sum"))
+        metrics[f"val_usage_{level}"] = used
+        metrics[f"val_perplexity_{level}"] = perplexity
+    return metrics
+
+
+def prior_inputs(batch: dict, level: str, conditional: bool):
+    """(target codes, labels or None, condition codes or None) of one code-store batch."""
+    labels = batch["label"] if conditional else None
+    condition = batch["top"] if level == "bottom" else None
+    return batch[level], labels, condition
+
+
+def prior_loss_fn(level: str, conditional: bool):
+    """train-prior's micro-batch loss (cross-entropy in nats) for one level."""
+
+    def loss_fn(model, batch):
+        codes, labels, condition = prior_inputs(batch, level, conditional)
+        logits = model(codes, labels=labels, condition=condition)
+        loss = torch.nn.functional.cross_entropy(logits.float(), codes)
+        return loss, {"bits_per_dim": loss.detach() / math.log(2)}
+
+    return loss_fn
+
+
+@torch.no_grad()
+def prior_bits_per_dim(model, loader, accelerator: Accelerator, level: str, conditional: bool, max_batches: int = 0) -> float:
+    """Mean negative log-likelihood of held-out codes, in bits per code position."""
+    was_training = model.training
+    model.eval()
+    nll, count = torch.zeros((), device=accelerator.device), torch.zeros((), device=accelerator.device)
+    for i, batch in enumerate(loader):
+        if max_batches and i >= max_batches:
+            break
+        codes, labels, condition = prior_inputs(batch, level, conditional)
+        logits = model(codes, labels=labels, condition=condition)
+        nll += torch.nn.functional.cross_entropy(logits.float(), codes, reduction="sum")
+        count += codes.numel()
+    model.train(was_training)
+    return (accelerator.reduce(nll, "sum") / accelerator.reduce(count, "sum")).item() / math.log(2)

@@ -1,0 +1,394 @@
+"""Gated PixelCNN prior over a VQ code map (van den Oord et al. 2016; Razavi et al. 2019).
+
+Causality comes from shifted, non-square convolutions rather than masked square kernels, so no tap
+is zero and there is no blind spot. With ``k`` the kernel size and ``s = k // 2``:
+
+- vertical stack: a ``(s+1) x k`` convolution over rows ``i-s .. i`` (zero rows padded above).
+  Its output at row ``i`` depends on rows ``<= i``; it reaches the horizontal stack only after a
+  one-row down-shift, so the horizontal stack at row ``i`` sees strictly the rows above.
+- horizontal stack: a ``1 x (s+1)`` convolution over columns ``j-s .. j`` of the current row. In the
+  first layer the window is shifted right by one (columns ``j-s-1 .. j-1``) so the current code is
+  never seen; later layers may include column ``j`` because their input already excludes it.
+
+Each layer gates ``tanh(a) * sigmoid(b)``; the horizontal stack has a residual connection and a
+skip connection to the output head. Optional causal attention blocks (``attention_every``) refine
+the horizontal stack. Conditioning (a class label, and for the bottom prior the top code map
+through a conditioning stack) enters every gated layer as a bias on the pre-activations.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from vqgen.errors import ConfigError, DataError
+from vqgen.kernels import Backend
+from vqgen.kernels.gated import gated_residual
+from vqgen.models.attention import CausalAttentionBlock
+
+
+@dataclass(kw_only=True)
+class PriorConfig:
+    """Architecture of one gated PixelCNN prior (the top or the bottom level)."""
+
+    num_codes: int = 512
+    """Codebook size K of the level this prior models."""
+    shape: tuple[int, ...] = (32, 32)
+    """Code map (H, W)."""
+    channels: int = 128
+    """Channels of the vertical and horizontal stacks."""
+    num_layers: int = 20
+    """Number of gated layers."""
+    kernel_size: int = 5
+    """Odd kernel size k: vertical windows are (k//2+1) x k, horizontal ones 1 x (k//2+1)."""
+    attention_every: int = 0
+    """Insert a causal attention block after every N gated layers (0 = no attention)."""
+    num_heads: int = 8
+    """Attention heads (must divide ``channels``)."""
+    dropout: float = 0.1
+    """Dropout on the inputs of every gated layer and on the attention output."""
+    num_classes: int = 0
+    """Number of class labels to condition on (0 = unconditional)."""
+    condition_num_codes: int = 0
+    """Codebook size of the level this prior is conditioned on (0 = none: a top prior)."""
+    condition_shape: tuple[int, ...] = ()
+    """(H, W) of the conditioning code map; ``shape`` must be an integer multiple of it."""
+    condition_channels: int = 128
+    """Channels of the conditioning stack (ignored without ``condition_num_codes``)."""
+    condition_res_blocks: int = 0
+    """Residual blocks in the conditioning stack (ignored without ``condition_num_codes``)."""
+    kernel_backend: Backend = "auto"
+    """Backend of the fused gated-unit kernel: auto, triton or torch."""
+
+    def __post_init__(self) -> None:
+        if self.num_codes < 2:
+            raise ConfigError("num_codes", f"must be >= 2, got {self.num_codes}")
+        _check_shape("shape", self.shape)
+        for name in ("channels", "num_layers", "num_heads", "condition_channels"):
+            if getattr(self, name) < 1:
+                raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
+        if self.kernel_size < 3 or self.kernel_size % 2 == 0:
+            raise ConfigError("kernel_size", f"must be odd and >= 3, got {self.kernel_size}")
+        if self.attention_every < 0:
+            raise ConfigError("attention_every", f"must be >= 0, got {self.attention_every}")
+        if self.attention_every and self.channels % self.num_heads:
+            raise ConfigError(
+                "num_heads", f"must divide channels ({self.channels}), got {self.num_heads}"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError("dropout", f"must be in [0, 1), got {self.dropout}")
+        if self.num_classes < 0:
+            raise ConfigError("num_classes", f"must be >= 0, got {self.num_classes}")
+        if self.kernel_backend not in ("auto", "triton", "torch"):
+            raise ConfigError("kernel_backend", f"must be auto, triton or torch, got {self.kernel_backend!r}")
+        self._check_condition()
+
+    def _check_condition(self) -> None:
+        if self.condition_num_codes < 0:
+            raise ConfigError("condition_num_codes", f"must be >= 0, got {self.condition_num_codes}")
+        if self.condition_res_blocks < 0:
+            raise ConfigError("condition_res_blocks", f"must be >= 0, got {self.condition_res_blocks}")
+        if self.condition_num_codes == 0:
+            if self.condition_shape:
+                raise ConfigError("condition_shape", "set without condition_num_codes (must be [])")
+            return
+        if self.condition_num_codes < 2:
+            raise ConfigError("condition_num_codes", f"must be 0 or >= 2, got {self.condition_num_codes}")
+        _check_shape("condition_shape", self.condition_shape)
+        if any(s % c for s, c in zip(self.shape, self.condition_shape)):
+            raise ConfigError(
+                "condition_shape",
+                f"shape {list(self.shape)} must be a multiple of {list(self.condition_shape)}",
+            )
+
+    @property
+    def attention_after(self) -> tuple[int, ...]:
+        """Indices of the gated layers followed by an attention block."""
+        n = self.attention_every
+        return tuple(l for l in range(self.num_layers) if n and (l + 1) % n == 0)
+
+
+def _check_shape(name: str, shape: tuple[int, ...]) -> None:
+    if len(shape) != 2 or min(shape) < 1:
+        raise ConfigError(name, f"must be two positive sizes [H, W], got {list(shape)}")
+
+
+def bits_per_dim(nll_nats: torch.Tensor | float) -> torch.Tensor | float:
+    """Convert a negative log-likelihood per code from nats to bits."""
+    return nll_nats / math.log(2.0)
+
+
+def gated_activation(pre: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """``tanh(a) * sigmoid(b)`` of the two halves of ``pre`` along ``dim``."""
+    a, b = pre.chunk(2, dim=dim)
+    return torch.tanh(a) * torch.sigmoid(b)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    return rearrange(t, "b c h w -> (b h w) c")
+
+
+class ResidualBlock(nn.Module):
+    """ELU → 3x3 conv → ELU → 1x1 conv, plus the input (the conditioning stack's unit)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.ELU(), nn.Conv2d(channels, channels, 3, padding=1), nn.ELU(), nn.Conv2d(channels, channels, 1)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+class ConditionStack(nn.Module):
+    """Top-level codes ``[B, Hc, Wc]`` → features ``[B, C_cond, H, W]`` at the bottom shape.
+
+    Embed, upsample (nearest) to the prior's shape, then residual blocks. Not causal: the whole
+    conditioning map is known before sampling starts.
+    """
+
+    def __init__(self, config: PriorConfig):
+        super().__init__()
+        self.shape = tuple(config.shape)
+        self.embed = nn.Embedding(config.condition_num_codes, config.condition_channels)
+        blocks = [ResidualBlock(config.condition_channels) for _ in range(config.condition_res_blocks)]
+        self.blocks = nn.Sequential(*blocks)
+
+    def forward(self, codes: torch.Tensor) -> torch.Tensor:
+        x = rearrange(self.embed(codes), "b h w c -> b c h w")
+        x = F.interpolate(x, size=self.shape, mode="nearest")
+        return self.blocks(x)
+
+
+class GatedLayer(nn.Module):
+    """One gated layer with a vertical and a horizontal stack.
+
+    ``forward`` runs the layer on whole maps; ``vertical_row`` and ``horizontal_step`` run the same
+    weights on one row / one position for cached sampling.
+    """
+
+    def __init__(self, config: PriorConfig, *, first: bool):
+        super().__init__()
+        c, k = config.channels, config.kernel_size
+        self.half = k // 2
+        self.first = first
+        self.backend = config.kernel_backend
+        self.vertical = nn.Conv2d(c, 2 * c, (self.half + 1, k))
+        self.horizontal = nn.Conv2d(c, 2 * c, (1, self.half + 1))
+        # Vertical pre-activation (down-shifted) → horizontal pre-activation.
+        self.link = nn.Conv2d(2 * c, 2 * c, 1)
+        self.out = nn.Linear(c, c)
+        self.skip = nn.Linear(c, c)
+        self.dropout = nn.Dropout(config.dropout)
+        # Conditioning biases for both stacks at once: 4C = (vertical 2C, horizontal 2C).
+        self.class_bias = nn.Embedding(config.num_classes, 4 * c) if config.num_classes else None
+        self.condition_bias = (
+            nn.Conv2d(config.condition_channels, 4 * c, 1) if config.condition_num_codes else None
+        )
+
+    def biases(
+        self, labels: torch.Tensor | None, features: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Conditioning biases ``(vertical, horizontal)``, each ``[B, 2C, h|1, w|1]`` or None.
+
+        ``features`` is the conditioning stack output over any number of rows (all of them for the
+        full pass, one row when sampling).
+        """
+        total = None
+        if self.class_bias is not None:
+            total = self.class_bias(labels)[:, :, None, None]
+        if self.condition_bias is not None:
+            projected = self.condition_bias(features)
+            total = projected if total is None else total + projected
+        if total is None:
+            return None, None
+        bias_v, bias_h = total.chunk(2, dim=1)
+        return bias_v, bias_h
+
+    def vertical_output(
+        self, v_pre: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Gate the vertical pre-activation ``[B, 2C, h, W]`` → ``[B, C, h, W]``."""
+        out = gated_activation(v_pre if bias is None else v_pre + bias)
+        return out if residual is None else out + residual
+
+    def horizontal_output(
+        self, pre: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows ``pre [M, 2C]`` → (new horizontal features ``[M, C]``, skip contribution ``[M, C]``)."""
+        out, gated = gated_residual(pre, bias, self.out.weight, self.out.bias, residual, backend=self.backend)
+        return out, self.skip(gated)
+
+    def forward(
+        self,
+        v: torch.Tensor,
+        h: torch.Tensor,
+        bias_v: torch.Tensor | None,
+        bias_h: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``v, h: [B, C, H, W]`` → ``(v, h [B, C, H, W], skip rows [B*H*W, C])``."""
+        s = self.half
+        batch, _, height, width = h.shape
+        # Pad s rows above and s columns each side: output row i reads input rows i-s .. i.
+        v_pre = self.vertical(F.pad(self.dropout(v), (s, s, s, 0)))  # [B, 2C, H, W]
+        # Down-shift one row (pad above, crop below): the horizontal stack at row i reads row i-1.
+        link = self.link(F.pad(v_pre, (0, 0, 1, -1)))
+        # First layer: columns j-s-1 .. j-1 (pad s+1 left, crop 1 right); later: columns j-s .. j.
+        h_pad = (s + 1, -1) if self.first else (s, 0)
+        h_pre = self.horizontal(F.pad(self.dropout(h), (*h_pad, 0, 0))) + link  # [B, 2C, H, W]
+
+        v_out = self.vertical_output(v_pre, bias_v, None if self.first else v)
+        bias_rows = None if bias_h is None else _rows(bias_h.expand_as(h_pre))
+        h_rows, skip = self.horizontal_output(_rows(h_pre), bias_rows, None if self.first else _rows(h))
+        h_out = rearrange(h_rows, "(b h w) c -> b c h w", b=batch, h=height, w=width)
+        return v_out, h_out, skip
+
+    def vertical_row(
+        self, window: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One vertical-stack row from the cached input rows.
+
+        Args:
+            window: ``[B, C, s+1, W + 2s]`` the last s+1 input rows (zero-padded columns).
+            bias: ``[B, 2C, 1, W|1]`` or None. residual: ``[B, C, 1, W]`` (the newest input row) or None.
+        Returns:
+            ``(v_row [B, C, 1, W], link_row [B, 2C, 1, W])``: the next layer's input row and what the
+            horizontal stack of the *next* code row adds to its pre-activation.
+        """
+        v_pre = self.vertical(window)
+        return self.vertical_output(v_pre, bias, residual), self.link(v_pre)
+
+    def horizontal_step(
+        self,
+        window: torch.Tensor,
+        link: torch.Tensor,
+        bias: torch.Tensor | None,
+        residual: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One position of the horizontal stack.
+
+        Args:
+            window: ``[B, C, s+1]`` cached input columns (the layer's horizontal receptive field).
+            link: ``[B, 2C]`` down-shifted vertical features at this position.
+            bias: ``[B, 2C]`` or None. residual: ``[B, C]`` or None (first layer).
+        Returns:
+            ``(h [B, C], skip [B, C])``.
+        """
+        pre = self.horizontal(window[:, :, None, :]).flatten(1) + link
+        return self.horizontal_output(pre, bias, residual)
+
+
+class GatedPixelCNN(nn.Module):
+    """Gated PixelCNN prior over a code map; logits over the codebook at every position.
+
+    Example::
+
+        prior = GatedPixelCNN(PriorConfig(num_codes=512, shape=(32, 32)))
+        logits = prior(codes)                  # [B, 512, 32, 32]
+        loss = prior.loss(logits, codes)       # nats per code
+    """
+
+    def __init__(self, config: PriorConfig):
+        super().__init__()
+        self.config = config
+        c = config.channels
+        self.embed = nn.Embedding(config.num_codes, c)
+        self.condition_stack = ConditionStack(config) if config.condition_num_codes else None
+        self.layers = nn.ModuleList(GatedLayer(config, first=l == 0) for l in range(config.num_layers))
+        self.attention = nn.ModuleDict(
+            {
+                str(l): CausalAttentionBlock(
+                    channels=c, num_heads=config.num_heads, shape=config.shape, dropout=config.dropout
+                )
+                for l in config.attention_after
+            }
+        )
+        # Reads skip sum + final horizontal features, channels-last.
+        self.head = nn.Sequential(nn.ELU(), nn.Linear(c, c), nn.ELU(), nn.Linear(c, config.num_codes))
+
+    def check_inputs(
+        self,
+        codes: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        condition: torch.Tensor | None = None,
+        *,
+        batch: int | None = None,
+    ) -> None:
+        """Raise :class:`DataError` naming the input whose shape, dtype or range does not fit."""
+        cfg = self.config
+        if codes is not None:
+            _check_codes("codes", codes, tuple(cfg.shape), cfg.num_codes)
+            batch = codes.shape[0]
+        if cfg.num_classes:
+            if labels is None:
+                raise DataError(f"labels: this prior is class-conditional ({cfg.num_classes} classes)")
+            _check_codes("labels", labels, (), cfg.num_classes)
+            if batch is not None and labels.shape[0] != batch:
+                raise DataError(f"labels: batch size {labels.shape[0]}, expected {batch}")
+        elif labels is not None:
+            raise DataError("labels: given to an unconditional prior (num_classes = 0)")
+        if cfg.condition_num_codes:
+            if condition is None:
+                raise DataError("condition: this prior needs the top-level code map")
+            _check_codes("condition", condition, tuple(cfg.condition_shape), cfg.condition_num_codes)
+            if batch is not None and condition.shape[0] != batch:
+                raise DataError(f"condition: batch size {condition.shape[0]}, expected {batch}")
+        elif condition is not None:
+            raise DataError("condition: given to a prior without conditioning stack")
+
+    def embed_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """``[B, H, W]`` int64 → input embeddings ``[B, C, H, W]``."""
+        return rearrange(self.embed(codes), "b h w c -> b c h w")
+
+    def forward(
+        self,
+        codes: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        condition: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits ``[B, K, H, W]`` of ``codes [B, H, W]`` int64.
+
+        ``labels [B]`` for a class-conditional prior, ``condition [B, Hc, Wc]`` for a bottom prior.
+        """
+        self.check_inputs(codes, labels, condition)
+        return self.forward_embedded(self.embed_codes(codes), labels, condition)
+
+    def forward_embedded(
+        self,
+        x: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        condition: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits ``[B, K, H, W]`` from input embeddings ``x [B, C, H, W]`` (for gradient checks)."""
+        batch, _, height, width = x.shape
+        features = self.condition_stack(condition) if self.condition_stack is not None else None
+        v, h, skip = x, x, 0
+        for l, layer in enumerate(self.layers):
+            bias_v, bias_h = layer.biases(labels, features)
+            v, h, layer_skip = layer(v, h, bias_v, bias_h)
+            skip = skip + layer_skip
+            if str(l) in self.attention:
+                h = self.attention[str(l)](h, x)
+        logits = self.head(skip + _rows(h))  # [B*H*W, K]
+        return rearrange(logits, "(b h w) k -> b k h w", b=batch, h=height, w=width)
+
+    @staticmethod
+    def loss(logits: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """Mean cross entropy in nats per code: ``logits [B, K, H, W]``, ``codes [B, H, W]``."""
+        return F.cross_entropy(logits.float(), codes)
+
+
+def _check_codes(name: str, t: torch.Tensor, shape: tuple[int, ...], num_codes: int) -> None:
+    if t.dtype != torch.int64:
+        raise DataError(f"{name}: expected int64, got {t.dtype}")
+    if t.dim() != len(shape) + 1 or tuple(t.shape[1:]) != shape:
+        expected = "".join(f", {size}" for size in shape)
+        raise DataError(f"{name}: expected shape [B{expected}], got {list(t.shape)}")
+    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= num_codes):
+        raise DataError(f"{name}: values must lie in [0, {num_codes}), got [{int(t.min())}, {int(t.max())}]")

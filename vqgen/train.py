@@ -1,0 +1,293 @@
+"""The training loop shared by every trainable stage (VQ-VAE and both priors).
+
+``fit`` follows the Accelerate examples' order: prepare → loop with ``accelerator.accumulate`` →
+checkpoint with ``save_state`` → ``end_training``. Progress (optimizer step, epoch, batch within the
+epoch) lives in a :class:`TrainState` saved inside each checkpoint, so a run killed mid-epoch resumes
+at the next batch with the same data order, RNG states and optimizer state.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Literal
+
+import torch
+from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from vqgen.errors import CheckpointError, ConfigError
+from vqgen.tracking import TrackerKind, make_trackers
+from vqgen.utils import atomic_write_json, read_json
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """Optimisation and bookkeeping for one trainable stage."""
+
+    steps: int = 10_000
+    """Optimizer steps in total (each step is ``grad_accum_steps`` micro-batches)."""
+    batch_size: int = 32
+    """Micro-batch size per process."""
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, ...] = (0.9, 0.999)
+    warmup_steps: int = 0
+    schedule: Literal["constant", "cosine"] = "constant"
+    """Learning-rate shape after warm-up; cosine decays to ``min_lr_ratio * lr`` at ``steps``."""
+    min_lr_ratio: float = 0.1
+    grad_accum_steps: int = 1
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value (0 disables clipping)."""
+    log_every: int = 25
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    eval_every: int = 500
+    """Validation metrics every N steps and at the end (0: only at the end)."""
+    image_every: int = 1000
+    """Write the stage's pictures (reconstructions / samples) every N steps and at the end (0: end only)."""
+    num_workers: int = 0
+    channels_last: bool = True
+    compile: bool = False
+    """Wrap the model in ``torch.compile`` (GPU runs; the export holds the uncompiled weights)."""
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "grad_accum_steps", "log_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "checkpoint_every", "eval_every", "image_every", "num_workers"):
+            if getattr(self, name) < 0:
+                raise ConfigError(name, f"must be >= 0, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ConfigError("lr", f"must be > 0, got {self.lr}")
+        if self.grad_clip < 0:
+            raise ConfigError("grad_clip", f"must be >= 0, got {self.grad_clip}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError("betas", f"must be two numbers in [0, 1), got {list(self.betas)}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError("min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+
+
+@dataclass
+class TrainState:
+    """Where training stands; saved as JSON in every checkpoint."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    """Micro-batches of ``epoch`` already consumed (the resume point inside the epoch)."""
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.epoch, self.batch_in_epoch = (int(state[k]) for k in ("step", "epoch", "batch_in_epoch"))
+
+
+TRAIN_STATE = "train_state.json"
+
+LossFn = Callable[[torch.nn.Module, object], "tuple[torch.Tensor, dict[str, torch.Tensor]]"]
+"""``loss_fn(model, batch) -> (loss, metrics)``: one micro-batch's loss and scalars to log."""
+
+
+def make_accelerator(
+    stage_dir: Path, *, mixed_precision: str = "auto", tracker: TrackerKind = "csv", seed: int = 0
+) -> Accelerator:
+    """An Accelerator for one stage: trackers write into ``stage_dir``; bf16 on GPU when "auto".
+
+    DDP must not broadcast rank 0's buffers each forward: the VQ codebooks are buffers that every
+    rank updates identically from all-reduced statistics.
+    """
+    if mixed_precision == "auto":
+        mixed_precision = "bf16" if torch.cuda.is_available() else "no"
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    accelerator = Accelerator(
+        mixed_precision=mixed_precision,
+        log_with=make_trackers(tracker, stage_dir) or None,
+        project_dir=str(stage_dir),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=seed),
+        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
+    )
+    accelerator.init_trackers(stage_dir.name)
+    set_seed(seed)
+    return accelerator
+
+
+def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+class Checkpointer:
+    """Accelerate state checkpoints in ``stage_dir/checkpoints``, written atomically.
+
+    ``save_state`` writes into a temporary folder that is renamed once complete; ``latest.json``
+    (written atomically after the rename) names the newest finished checkpoint, so a kill during a
+    save never leaves a half-written checkpoint that resume would pick up.
+
+    Loop progress and the LR schedule go into ``train_state.json`` rather than through
+    ``register_for_checkpointing``, whose objects Accelerate unpickles with ``weights_only=False``;
+    everything else Accelerate loads with ``weights_only=True``.
+    """
+
+    def __init__(self, accelerator: Accelerator, stage_dir: Path, keep: int):
+        self.accelerator = accelerator
+        self.root = stage_dir / "checkpoints"
+        self.keep = keep
+
+    def latest(self) -> Path | None:
+        pointer = self.root / "latest.json"
+        if not pointer.exists():
+            return None
+        try:
+            path = self.root / read_json(pointer)["name"]
+        except (ValueError, KeyError) as err:
+            raise CheckpointError(f"{pointer} is corrupt ({err}); delete it to start the stage afresh") from None
+        if not path.is_dir():
+            raise CheckpointError(f"{pointer} names {path.name}, which does not exist")
+        return path
+
+    def save(self, step: int, train_state: dict) -> None:
+        name = f"step-{step:08d}"
+        tmp = self.root / f".tmp-{name}"
+        if self.accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        self.accelerator.save_state(str(tmp))
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            atomic_write_json(tmp / TRAIN_STATE, train_state)
+            final = self.root / name
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+            atomic_write_json(self.root / "latest.json", {"name": name, "step": step})
+            finished = sorted(p for p in self.root.glob("step-*") if p.is_dir())
+            for old in finished[: -self.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+
+    def load(self, path: Path) -> dict:
+        """Restore model, optimizer and RNG states; return the saved ``train_state`` dict."""
+        try:
+            self.accelerator.load_state(str(path))
+            return read_json(path / TRAIN_STATE)
+        except Exception as err:  # torch/safetensors/json raise many types for a damaged file
+            raise CheckpointError(
+                f"checkpoint {path} could not be loaded ({type(err).__name__}: {err}); "
+                f"delete {self.root} to start the stage afresh"
+            ) from err
+
+
+def _batches(loader: DataLoader, accelerator: Accelerator, state: TrainState):
+    """Micro-batches forever, epoch after epoch, starting at ``state``'s place in its epoch."""
+    while True:
+        loader.set_epoch(state.epoch)
+        epoch_loader = loader
+        if state.batch_in_epoch:
+            epoch_loader = accelerator.skip_first_batches(loader, state.batch_in_epoch)
+        for batch in epoch_loader:
+            state.batch_in_epoch += 1
+            yield batch
+        state.epoch += 1
+        state.batch_in_epoch = 0
+
+
+def train_step(model, batch, loss_fn: LossFn, optimizer, scheduler, accelerator, cfg: TrainConfig):
+    """One micro-batch: forward, backward, and (at the accumulation boundary) clip and step."""
+    with accelerator.accumulate(model):
+        loss, metrics = loss_fn(model, batch)
+        accelerator.backward(loss)
+        if accelerator.sync_gradients and cfg.grad_clip > 0:
+            metrics["grad_norm"] = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        if accelerator.sync_gradients:
+            scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+    return {"loss": loss.detach(), **{k: v.detach() for k, v in metrics.items()}}
+
+
+def fit(
+    model: torch.nn.Module,
+    train_set: Dataset,
+    cfg: TrainConfig,
+    accelerator: Accelerator,
+    stage_dir: Path,
+    loss_fn: LossFn,
+    evaluate: Callable[[torch.nn.Module], dict[str, float]] | None = None,
+    snapshot: Callable[[torch.nn.Module, int], None] | None = None,
+) -> TrainState:
+    """Train ``model`` for ``cfg.steps`` optimizer steps, resuming from the latest checkpoint.
+
+    ``evaluate(model)`` returns validation metrics (called on every process: gather inside it);
+    ``snapshot(model, step)`` writes pictures (called on every process; write on the main one).
+    """
+    accelerator.gradient_accumulation_steps = cfg.grad_accum_steps
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    loader = DataLoader(
+        train_set, batch_size=cfg.batch_size, shuffle=True, drop_last=True, num_workers=cfg.num_workers,
+        persistent_workers=cfg.num_workers > 0,
+    )
+    if len(train_set) < cfg.batch_size * accelerator.num_processes:
+        raise ConfigError("batch_size", f"{cfg.batch_size} per process is more than the {len(train_set)} training items allow")
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    state = TrainState()
+    checkpointer = Checkpointer(accelerator, stage_dir, cfg.keep_checkpoints)
+    if (latest := checkpointer.latest()) is not None:
+        saved = checkpointer.load(latest)
+        state.load_state_dict(saved["loop"])
+        # Stepped by hand once per optimizer step (not prepared: Accelerate's wrapper would step it
+        # once per process), so its state travels with the loop's.
+        scheduler.load_state_dict(saved["scheduler"])
+        accelerator.print(f"resumed from {latest} at step {state.step}")
+    forward_model = torch.compile(model) if cfg.compile else model
+
+    progress = tqdm(total=cfg.steps, initial=state.step, disable=not accelerator.is_main_process, desc=stage_dir.name)
+    window: dict[str, list[torch.Tensor]] = {}
+    images_per_step = cfg.batch_size * cfg.grad_accum_steps * accelerator.num_processes
+    window_start, window_steps = time.perf_counter(), 0
+    batches = _batches(loader, accelerator, state)
+    while state.step < cfg.steps:
+        forward_model.train()
+        metrics = train_step(forward_model, next(batches), loss_fn, optimizer, scheduler, accelerator, cfg)
+        for key, value in metrics.items():
+            window.setdefault(key, []).append(value.float())
+        if not accelerator.sync_gradients:
+            continue
+        state.step += 1
+        window_steps += 1
+        progress.update(1)
+        last = state.step == cfg.steps
+        if state.step % cfg.log_every == 0 or last:
+            elapsed = time.perf_counter() - window_start
+            logs = {k: accelerator.reduce(torch.stack(v).mean(), "mean").item() for k, v in window.items()}
+            logs["lr"] = scheduler.get_last_lr()[0]
+            logs["images_per_sec"] = images_per_step * window_steps / max(elapsed, 1e-9)
+            accelerator.log(logs, step=state.step)
+            progress.set_postfix(loss=f"{logs['loss']:.4f}")
+            window, window_start, window_steps = {}, time.perf_counter(), 0
+        if evaluate is not None and (last or (cfg.eval_every and state.step % cfg.eval_every == 0)):
+            accelerator.log(evaluate(accelerator.unwrap_model(model)), step=state.step)
+        if snapshot is not None and (last or (cfg.image_every and state.step % cfg.image_every == 0)):
+            snapshot(accelerator.unwrap_model(model), state.step)
+        if last or (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0):
+            checkpointer.save(state.step, {"loop": state.state_dict(), "scheduler": scheduler.state_dict()})
+        if state.step % cfg.log_every == 0:
+            window_start = time.perf_counter()  # evaluation and checkpoints do not count as training time
+    progress.close()
+    accelerator.end_training()
+    return state
