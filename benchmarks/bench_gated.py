@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 
 from ceilings import measure_ceilings
-from common import Table, append_markdown, bench, compile_reference, fmt, fp32_matmul_precision, parse_args, require_gpu
+from common import Table, append_markdown, bench_all, compile_reference, fmt, fp32_matmul_precision, parse_args
+from common import require_gpu, speedup
 
 # (batch, map side, channels): top-prior-like small maps with wide layers, bottom-prior-like large maps.
 SHAPES = [
@@ -56,30 +57,29 @@ def main() -> None:
 
     torch.manual_seed(0)
     ceilings = measure_ceilings()
-    columns = ["B", "map", "C", "dtype", "provider", "ms (p20-p80)", "GB/s", "TFLOP/s", "% BW ceiling", "vs eager"]
-    table = Table("gated_residual forward", columns)
+    columns = ["B", "map", "C", "dtype", "provider", "ms (p20-p80)", "GB/s", "TFLOP/s", "% BW ceiling"]
+    table = Table("gated_residual forward", columns + ["vs eager", "vs compile"])
     compiled = compile_reference(gated_residual_reference, args.compile_mode)
     with fp32_matmul_precision("highest"):
         for batch, side, c in SHAPES:
             m = batch * side * side
             for dtype in DTYPES:
                 x = _inputs(m, c, dtype)
-                providers = {
-                    "triton": lambda: gated_residual_triton(**x),
-                    "eager": lambda: gated_residual_reference(**x),
-                    "compile": lambda: compiled(**x),
-                }
-                eager_ms = None
-                for name, fn in providers.items():
-                    timing = bench(fn)
-                    ms = timing.median if timing else None
-                    eager_ms = ms if name == "eager" else eager_ms
-                    gbs = _fused_bytes(m, c, dtype) / (ms * 1e-3) / 1e9 if ms else None
-                    tflops = 2 * m * c * c / (ms * 1e-3) / 1e12 if ms else None
+                timings = bench_all(
+                    {
+                        "eager": lambda: gated_residual_reference(**x),
+                        "compile": lambda: compiled(**x),
+                        "triton": lambda: gated_residual_triton(**x),
+                    }
+                )
+                for name, timing in timings.items():
+                    seconds = timing.median * 1e-3 if timing else None
+                    gbs = _fused_bytes(m, c, dtype) / seconds / 1e9 if seconds else None
+                    tflops = 2 * m * c * c / seconds / 1e12 if seconds else None
                     pct = 100 * gbs / ceilings.bandwidth_gbs if gbs else None
-                    speedup = eager_ms / ms if (ms and eager_ms) else None
-                    row = [batch, f"{side}x{side}", c, str(dtype).removeprefix("torch."), name]
-                    table.add(*row, fmt(timing, ""), fmt(gbs, ".0f"), fmt(tflops), fmt(pct), fmt(speedup, ".2f", "x"))
+                    row = [batch, f"{side}x{side}", c, str(dtype).removeprefix("torch."), name, fmt(timing, "")]
+                    row += [fmt(gbs, ".0f"), fmt(tflops), fmt(pct)]
+                    table.add(*row, speedup(timings["eager"], timing), speedup(timings["compile"], timing))
                 del x
     table.print()
     notes = [

@@ -95,11 +95,29 @@ def fp32_matmul_precision(precision: str) -> Iterator[None]:
 
 def compile_reference(fn: Callable, mode: str) -> Callable:
     """``torch.compile`` of a reference, shapes static (each benchmark shape compiles once)."""
+    import torch._dynamo
+
+    # One compiled entry per benchmark shape and dtype; past the default limit of 8, dynamo would
+    # silently run the rest eagerly and the "compile" rows would measure eager PyTorch.
+    torch._dynamo.config.recompile_limit = 64
     return torch.compile(fn, mode=mode, dynamic=False)
 
 
-def fmt(value: float | None, spec: str = ".1f", unit: str = "") -> str:
+def bench_all(providers: dict[str, Callable[[], object]]) -> dict[str, Timing | None]:
+    """Time every provider, in order."""
+    return {name: bench(fn) for name, fn in providers.items()}
+
+
+def fmt(value: object | None, spec: str = ".1f", unit: str = "") -> str:
+    """A table cell; None means the run did not fit in memory."""
     return "OOM" if value is None else f"{value:{spec}}{unit}"
+
+
+def speedup(baseline: Timing | None, timing: Timing | None) -> str:
+    """``baseline / timing`` as "1.23x"; "n/a" when either is missing."""
+    if baseline is None or timing is None:
+        return "n/a"
+    return f"{baseline.median / timing.median:.2f}x"
 
 
 class Table:

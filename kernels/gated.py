@@ -4,14 +4,15 @@
 channel halves of the layer's pre-activation and ``bias`` is the conditioning bias (class and/or
 conditioning-stack features). Layout is channels-last rows: ``[M, C]`` with M = batch*height*width.
 
-Memory traffic (per row, element size s, ``2C`` pre-activation channels, ``Cout`` outputs).
+Memory traffic, in elements per row (``2C`` pre-activation channels, ``Cout`` outputs).
 Unfused, eager PyTorch makes every intermediate a round trip through DRAM: ``pre + cond`` (read 4C,
 write 2C), ``tanh`` and ``sigmoid`` (read 2C, write 2C), the product (read 2C, write C), the
-projection (read C, write Cout), the residual add (read 2 Cout, write Cout): about ``15C + 4Cout``
+projection (read C, write Cout), the residual add (read 2 Cout, write Cout): about ``14C + 4Cout``
 elements. The fused kernel reads ``pre`` and ``cond`` once (4C), the residual once (Cout), writes
 ``gated`` (C, needed by the skip path and by backward) and ``out`` (Cout): ``5C + 2Cout`` elements,
 roughly 2.5x less at ``Cout = C``. The gate lives only in registers between the activation and the
-``tl.dot`` that consumes it.
+``tl.dot`` that consumes it. (When ``Cout`` spans several output tiles, each tile's program re-reads
+its rows of ``pre``; programs sharing rows are scheduled together so those re-reads hit L2.)
 """
 
 from __future__ import annotations
@@ -42,8 +43,7 @@ _INTERPRETER_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16}
 # is first imported, in the mode TRITON_INTERPRET selected at that moment. torchmetrics and
 # torch._dynamo import triton early, so a test process that turns the interpreter on later would
 # hand the interpreter compiled-mode helpers, which refuse to run. Reductions pass Triton's combine
-# functions to tl.reduce directly: the interpreter recognises them by identity and the compiler
-# generates the same code as tl.sum / tl.min.
+# functions to tl.reduce directly (see vq_search.py).
 def _gated_residual_kernel(
     pre_ptr,  # [M, 2C], unit stride along channels
     cond_ptr,  # [M, 2C] or a dummy pointer when HAS_COND is False
@@ -93,7 +93,7 @@ def _gated_residual_kernel(
             c_ptrs = cond_ptr + rows[:, None] * stride_cond + ks[None, :]
             a += tl.load(c_ptrs, mask=tile_ok, other=0.0).to(tl.float32)
             b += tl.load(c_ptrs + C, mask=tile_ok, other=0.0).to(tl.float32)
-        # tanh(a) = 2 sigmoid(2a) - 1 (the interpreter has no tanh); masked lanes give 0 * 0.5 = 0.
+        # tanh(a) = 2 sigmoid(2a) - 1 (Triton's core language has no tanh); masked lanes give 0.
         # exp(-x) overflows to inf for very negative x, and 1 / (1 + inf) = 0 is the right limit.
         sig_2a = 1.0 / (1.0 + tl.exp(-2.0 * a))
         sig_b = 1.0 / (1.0 + tl.exp(-b))
@@ -289,7 +289,7 @@ class _GatedResidualFunction(torch.autograd.Function):
     def forward(ctx, pre, cond, weight, bias, residual):
         out, gated = gated_residual_triton(pre, cond, weight, bias, residual)
         ctx.save_for_backward(pre, cond, weight, gated)
-        ctx.has_bias = bias is not None
+        ctx.bias_dtype = bias.dtype if bias is not None else None
         return out, gated
 
     @staticmethod
@@ -312,8 +312,8 @@ class _GatedResidualFunction(torch.autograd.Function):
             grad_cond = d_s.to(cond.dtype) if need_cond else None
         if need_w:
             grad_w = (grad_out32.t() @ gated.float()).to(weight.dtype)  # [Cout, C]
-        if need_bias and ctx.has_bias:
-            grad_bias = grad_out32.sum(0).to(weight.dtype)
+        if need_bias and ctx.bias_dtype is not None:
+            grad_bias = grad_out32.sum(0).to(ctx.bias_dtype)
         if need_res:
             grad_res = grad_out
         return grad_pre, grad_cond, grad_w, grad_bias, grad_res

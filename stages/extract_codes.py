@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from vqgen.config import CodesStageConfig
 from vqgen.configtools import to_dict
-from vqgen.data.codes import CodeStoreWriter, inspect_store, read_store_meta
+from vqgen.data.codes import CodeLevel, CodeStoreWriter, inspect_store, make_meta, read_store_meta
 from vqgen.data.datasets import DataConfig, build_dataset
 from vqgen.distributed import shard_indices
 from vqgen.manifest import StageResult
@@ -32,33 +32,31 @@ def config_hash(cfg: CodesStageConfig, data: DataConfig) -> str:
     return sha256_json({"codes": to_dict(cfg), "data": to_dict(data)})
 
 
-def store_meta(model, image_size: int, num_classes: int, checksum: str) -> dict:
-    (ht, wt), (hb, wb) = model.latent_shapes(image_size)
+def store_meta(model, image_size: int, num_classes: int, checksum: str, count: int) -> dict:
+    top_shape, bottom_shape = model.latent_shapes(image_size)
     k = model.config.num_codes
-    return {
-        "levels": [
-            {"name": "top", "shape": [ht, wt], "num_codes": k},
-            {"name": "bottom", "shape": [hb, wb], "num_codes": k},
-        ],
-        "num_classes": num_classes,
-        "source_checksum": checksum,
-        "image_size": image_size,
-    }
+    levels = [CodeLevel("top", tuple(top_shape), k), CodeLevel("bottom", tuple(bottom_shape), k)]
+    return make_meta(levels, num_classes=num_classes, source_checksum=checksum, count=count)
+
+
+def _resumable(existing: dict | None, meta: dict) -> bool:
+    """A partial store can be completed only if it holds codes of this model for this dataset."""
+    same = ("source_checksum", "levels", "count", "num_classes")
+    return existing is None or all(existing.get(k) == meta[k] for k in same)
 
 
 @torch.no_grad()
 def extract_split(model, dataset, path: Path, meta: dict, cfg: CodesStageConfig, accelerator: Accelerator) -> float:
     """Encode ``dataset`` into the store at ``path``; return this process's images per second."""
-    existing = read_store_meta(path)
-    if existing is not None and existing.get("source_checksum") != meta["source_checksum"]:
-        # Codes of another VQ-VAE: they cannot be resumed, start over.
+    if not _resumable(read_store_meta(path), meta):
+        # Codes of another VQ-VAE or another dataset: they cannot be resumed, start over.
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             shutil.rmtree(path)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         with CodeStoreWriter(path, commit_every=cfg.commit_every) as writer:
-            writer.write_meta({**meta, "count": len(dataset)}, complete=False)
+            writer.write_meta(meta, complete=False)
     accelerator.wait_for_everyone()
     start, done = time.perf_counter(), 0
     with CodeStoreWriter(path, commit_every=cfg.commit_every) as writer:
@@ -92,7 +90,7 @@ def run(cfg: CodesStageConfig, data: DataConfig, run_dir: Path, accelerator: Acc
     metrics, outputs = {}, {}
     for split, name in splits:
         dataset = build_dataset(data, split)
-        meta = store_meta(model, data.image_size, dataset.num_classes, checksum)
+        meta = store_meta(model, data.image_size, dataset.num_classes, checksum, len(dataset))
         rate = extract_split(model, dataset, stage_dir / name, meta, cfg, accelerator)
         total_rate = accelerator.reduce(torch.tensor(rate, device=accelerator.device), "sum").item()
         metrics[f"{split}_images_per_sec"] = total_rate

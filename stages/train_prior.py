@@ -45,13 +45,12 @@ def config_hash(cfg: PriorStageConfig, level: Level) -> str:
 
 def resolve_model_config(cfg: PriorStageConfig, store: CodeDataset, level: Level) -> PriorConfig:
     """Fill the sizes that the code store dictates; refuse a config that contradicts them."""
-    levels = {lvl["name"]: lvl for lvl in store.levels}
     derived = {
-        "num_codes": levels[level]["num_codes"],
-        "shape": tuple(levels[level]["shape"]),
+        "num_codes": store.num_codes[level],
+        "shape": tuple(store.shapes[level]),
         "num_classes": store.num_classes if cfg.class_conditional else 0,
-        "condition_num_codes": levels["top"]["num_codes"] if level == "bottom" else 0,
-        "condition_shape": tuple(levels["top"]["shape"]) if level == "bottom" else (),
+        "condition_num_codes": store.num_codes["top"] if level == "bottom" else 0,
+        "condition_shape": tuple(store.shapes["top"]) if level == "bottom" else (),
     }
     if cfg.class_conditional and store.num_classes == 0:
         raise ConfigError("class_conditional", "the code store holds no class labels")

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from vqgen.errors import CheckpointError
 from vqgen.metrics import InceptionFeatures, as_uint8_batches, frechet_distance, stats_from_images
 
 pytestmark = pytest.mark.slow
@@ -26,7 +27,9 @@ N_IMAGES = 100
 BATCH = 50
 
 if not all(p.is_file() for p in (WEIGHTS, CIFAR_NPZ, FASHION_TEST_IMAGES)):
-    pytest.skip("shared data (Inception weights, CIFAR-10 subset, Fashion-MNIST) is absent", allow_module_level=True)
+    pytest.skip(
+        "shared data (Inception weights, CIFAR-10 subset, Fashion-MNIST) is absent", allow_module_level=True
+    )
 pytorch_fid_inception = pytest.importorskip("pytorch_fid.inception")
 pytorch_fid_score = pytest.importorskip("pytorch_fid.fid_score")
 
@@ -172,13 +175,18 @@ def test_features_agree_image_by_image(dataset, vqgen_results, pytorch_fid_featu
     assert relative.max() < 0.05
 
 
-def test_fid_between_datasets_is_far_larger_than_within(vqgen_results, vqgen_fid):
-    cifar_a, fashion_a = vqgen_results["cifar10"][0], vqgen_results["fashion-mnist"][0]
-    assert frechet_distance(cifar_a, fashion_a) > 2 * max(vqgen_fid.values())
-
-
 def test_grey_images_equal_repeated_rgb(image_sets, vqgen_extractor):
     grey = image_sets["fashion-mnist"][0][:4]
     assert torch.allclose(vqgen_extractor(grey), vqgen_extractor(grey.repeat(1, 3, 1, 1)))
     batches = list(as_uint8_batches(grey, batch_size=3))
     assert [b.shape[0] for b in batches] == [3, 1]
+
+
+def test_weights_with_one_wrong_tensor_are_rejected_naming_it(tmp_path):
+    # Right key count and probe shapes, so only the strict load into the network can notice.
+    state = torch.load(WEIGHTS, map_location="cpu", weights_only=True)
+    state["Mixed_5b.branch1x1.conv.weight"] = torch.zeros(64, 192, 3, 3)
+    bad = tmp_path / "edited-inception.pth"
+    torch.save(state, bad)
+    with pytest.raises(CheckpointError, match="edited-inception.pth.*Mixed_5b.branch1x1.conv.weight"):
+        InceptionFeatures(bad)

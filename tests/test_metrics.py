@@ -88,7 +88,8 @@ def test_codebook_usage_rejects_out_of_range_codes():
 
 
 def _stats(mean, cov, count=10):
-    return FeatureStats(mean=torch.as_tensor(mean, dtype=torch.float64), cov=torch.as_tensor(cov, dtype=torch.float64), count=count)
+    mean, cov = (torch.as_tensor(v, dtype=torch.float64) for v in (mean, cov))
+    return FeatureStats(mean=mean, cov=cov, count=count)
 
 
 def test_frechet_distance_of_identical_stats_is_zero_even_when_singular():
@@ -128,6 +129,14 @@ def test_moments_over_uneven_batches_match_numpy():
     assert stats.count == 37
     assert torch.allclose(stats.mean, features.mean(0), atol=1e-10)
     assert np.allclose(stats.cov.numpy(), np.cov(features.numpy(), rowvar=False), atol=1e-10)
+
+    # Moments of two shards (as from two processes) merge to the moments of the whole set.
+    shard_a, shard_b = FeatureMoments(8), FeatureMoments(8)
+    shard_a.update(features[:30])
+    shard_b.update(features[30:])
+    shard_a.merge(shard_b)
+    merged = shard_a.to_stats()
+    assert merged.count == 37 and torch.allclose(merged.cov, stats.cov, atol=1e-10)
 
 
 def test_moments_need_two_images():
@@ -215,7 +224,8 @@ def test_wrong_weights_files_name_the_file_and_problem(tmp_path):
     state = _fake_inception_state()
     state["Conv2d_1a_3x3.conv.weight"] = torch.zeros(64, 3, 3, 3)
     torch.save(state, wrong_shape)
-    with pytest.raises(CheckpointError, match=r"wide.pth: Conv2d_1a_3x3.conv.weight has shape \(64, 3, 3, 3\)"):
+    expected = r"wide.pth: Conv2d_1a_3x3.conv.weight has shape \(64, 3, 3, 3\)"
+    with pytest.raises(CheckpointError, match=expected):
         load_inception_state_dict(wrong_shape)
 
     too_few = tmp_path / "partial.pth"

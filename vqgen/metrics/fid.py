@@ -157,7 +157,8 @@ def _build_inception_network(state: dict[str, Tensor], source: Path) -> nn.Modul
                 feature_extractor_weights_path=str(tmp_path),
             )
         except RuntimeError as err:  # strict load_state_dict: missing/unexpected keys, bad shapes
-            raise CheckpointError(f"{source}: does not fit the FID Inception network: {err}") from err
+            detail = " ".join(str(err).split())  # torch's message spans lines; keep it on one
+            raise CheckpointError(f"{source}: does not fit the FID Inception network: {detail}") from err
     return net
 
 
@@ -212,7 +213,9 @@ def _to_nchw(array: np.ndarray | Tensor) -> Tensor:
     return _check_uint8_nchw(images)
 
 
-def as_uint8_batches(images: np.ndarray | Tensor | Iterable[Tensor], batch_size: int = 50) -> Iterator[Tensor]:
+def as_uint8_batches(
+    images: np.ndarray | Tensor | Iterable[Tensor], batch_size: int = 50
+) -> Iterator[Tensor]:
     """Yield uint8 ``[B, C, H, W]`` batches from an image array (NCHW, NHWC or grey NHW) or an
     iterable of batches, re-chunked to at most ``batch_size`` images."""
     if batch_size < 1:
@@ -253,9 +256,11 @@ class FeatureStats:
                 metadata = f.metadata() or {}
                 mean, cov = f.get_tensor("mean"), f.get_tensor("cov")
         except Exception as err:  # safetensors raises several types for a bad header or body
-            raise CheckpointError(f"{path}: cannot read FID statistics: {type(err).__name__}: {err}") from err
+            detail = f"{type(err).__name__}: {err}"
+            raise CheckpointError(f"{path}: cannot read FID statistics: {detail}") from err
         if metadata.get("format") != STATS_FORMAT:
-            raise CheckpointError(f"{path}: not a vqgen FID statistics file (format {metadata.get('format')!r})")
+            found = metadata.get("format")
+            raise CheckpointError(f"{path}: not a vqgen FID statistics file (format {found!r})")
         dim = mean.shape[0] if mean.dim() == 1 else -1
         if dim < 1 or tuple(cov.shape) != (dim, dim) or not metadata.get("count", "").isdigit():
             raise CheckpointError(
@@ -303,7 +308,8 @@ class FeatureMoments:
         """Mean and unbiased covariance (divided by ``count - 1``, as every FID implementation does)."""
         if self.count < 2:
             raise DataError(f"FID statistics need at least 2 images, got {self.count}")
-        return FeatureStats(mean=self.mean.clone(), cov=self.scatter / (self.count - 1), count=self.count, key=key)
+        cov = self.scatter / (self.count - 1)
+        return FeatureStats(mean=self.mean.clone(), cov=cov, count=self.count, key=key)
 
 
 def stats_from_features(features: Tensor, key: str = "") -> FeatureStats:
@@ -349,7 +355,8 @@ def frechet_distance(a: FeatureStats, b: FeatureStats) -> float:
     feature dimensions).
     """
     if a.mean.shape != b.mean.shape or a.cov.shape != b.cov.shape:
-        raise ValueError(f"frechet_distance: statistics of different sizes, {tuple(a.mean.shape)} vs {tuple(b.mean.shape)}")
+        sizes = f"{tuple(a.mean.shape)}/{tuple(a.cov.shape)} vs {tuple(b.mean.shape)}/{tuple(b.cov.shape)}"
+        raise ValueError(f"frechet_distance: statistics of different sizes, {sizes}")
     mu_a, mu_b = a.mean.double(), b.mean.double()
     cov_a, cov_b = _symmetric(a.cov.double()), _symmetric(b.cov.double())
     eigvals_a, eigvecs_a = torch.linalg.eigh(cov_a)
