@@ -75,7 +75,7 @@ def _gated_residual_kernel(
     pid_m = pid // num_n
     pid_n = pid % num_n
     # int64 row offsets: M * 2C overflows int32 for the largest maps.
-    rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # [BLOCK_M]
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N], output channels
     row_ok = rows < M
     col_ok = cols < COUT

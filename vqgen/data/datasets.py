@@ -37,6 +37,7 @@ from vqgen.errors import ConfigError, DataError
 Split = Literal["train", "eval"]
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif"})
+EVAL_FOLDERS = ("eval", "test", "val")  # the first one present under a folder root is the eval split
 HOLDOUT_EVERY = 10  # one item in ten goes to the hold-out eval split
 IDX_IMAGES_MAGIC = 2051
 IDX_LABELS_MAGIC = 2049
@@ -366,7 +367,7 @@ def check_image_header(path: Path) -> str | None:
 class FolderSource:
     """Images below a folder; labels from first-level subfolder names (sorted), else -1.
 
-    Split folders: ``root/eval`` or ``root/test`` is the eval split when present (and ``root/train``,
+    Split folders: ``root/eval``, ``root/test`` or ``root/val`` is the eval split when present (and ``root/train``,
     if present, the train split); otherwise both splits come from the deterministic hold-out.
     Files are verified cheaply at construction (header + PIL ``verify``, no decoding; with
     ``limit`` only until that many good files are found); data truncated past what that checks is
@@ -377,9 +378,9 @@ class FolderSource:
         if not root.is_dir():
             raise DataError(f"image folder not found: {root}")
         self.mode = mode
-        eval_dir = next((root / d for d in ("eval", "test") if (root / d).is_dir()), None)
+        eval_dir = next((root / d for d in EVAL_FOLDERS if (root / d).is_dir()), None)
         train_dir = root / "train" if eval_dir is not None and (root / "train").is_dir() else root
-        exclude = frozenset({root / "eval", root / "test"}) if eval_dir is not None else frozenset()
+        exclude = frozenset(root / d for d in EVAL_FOLDERS) if eval_dir is not None else frozenset()
 
         train_files = list_image_files(train_dir, exclude)
         self.class_names = self._class_names(train_files, train_dir)
