@@ -118,7 +118,7 @@ def new_kv_cache(
     """Empty key/value caches for sampling a sequence of ``length`` positions one at a time.
 
     Returns ``(k_cache [B, heads, length, d], v_cache [B, heads, length, d_v])`` with slot 0 holding
-    the start key/value. To generate position ``p``: ``attend_to_cache(q_p, k_cache, v_cache, p + 1)``,
+    the start key/value. To generate position ``p``: ``attend_to_cache(q_p, k_cache, v_cache, slots <= p)``,
     then, if ``p + 1 < length``, store position ``p``'s key/value in slot ``p + 1`` (the last
     position's key is never attended to).
     """
@@ -133,20 +133,23 @@ def attend_to_cache(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
-    length: int,
+    visible: torch.Tensor,
     *,
     scale: float | None = None,
 ) -> torch.Tensor:
-    """One query step of cached sampling: ``q [B, heads, 1, d]`` attends to cache slots ``< length``.
+    """One query step of cached sampling: ``q [B, heads, 1, d]`` attends to the visible cache slots.
 
-    The cache layout is :func:`new_kv_cache`'s (shifted keys), so for position ``p`` pass
-    ``length = p + 1``. No mask is needed: every cached slot is visible. Returns ``[B, heads, 1, d_v]``.
+    The cache layout is :func:`new_kv_cache`'s (shifted keys); for position ``p`` the visible slots
+    are ``0 .. p`` (``visible = arange(S) <= p``). A boolean mask of fixed shape, rather than a
+    slice that grows each step, keeps every step the same fixed-shape ops (capturable in a CUDA
+    graph). Returns ``[B, heads, 1, d_v]``.
     """
     if q.dim() != 4 or q.shape[2] != 1:
         raise ValueError(f"attend_to_cache: q must be [B, heads, 1, d], got {tuple(q.shape)}")
-    if not 1 <= length <= k_cache.shape[2]:
-        raise ValueError(f"attend_to_cache: length must be in [1, {k_cache.shape[2]}], got {length}")
-    return F.scaled_dot_product_attention(q, k_cache[:, :, :length], v_cache[:, :, :length], scale=scale)
+    if visible.shape != (k_cache.shape[2],) or visible.dtype != torch.bool:
+        raise ValueError(f"attend_to_cache: visible must be a bool mask of shape [{k_cache.shape[2]}], "
+                         f"got {visible.dtype} {tuple(visible.shape)}")
+    return F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=visible[None, None, None, :], scale=scale)
 
 
 def fused_attention_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:

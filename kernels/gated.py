@@ -18,12 +18,11 @@ its rows of ``pre``; programs sharing rows are scheduled together so those re-re
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
 from vqgen.errors import ConfigError
-from vqgen.kernels import Backend
+from vqgen.kernels import Backend, interpreting, use_triton
 
 try:  # Triton is optional: without it every call takes the PyTorch reference.
     import triton
@@ -75,7 +74,7 @@ def _gated_residual_kernel(
     pid_m = pid // num_n
     pid_n = pid % num_n
     # int64 row offsets: M * 2C overflows int32 for the largest maps.
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # [BLOCK_M]
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N], output channels
     row_ok = rows < M
     col_ok = cols < COUT
@@ -122,22 +121,21 @@ def _gated_residual_kernel(
     tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_ok)
 
 
-def _interpreting() -> bool:
-    """Whether Triton runs kernels in its CPU interpreter (read at launch, like Triton does)."""
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
-
 
 def _autotune_configs() -> list:
+    # Small K tiles: the gate is computed in the dot operand's register layout, so a [BLOCK_M,
+    # BLOCK_K] tile of pre/cond costs several registers per element. These compile for sm_90
+    # without spills in bf16 (the wide-N ones spill a little; they cut re-reads of `pre` at
+    # Cout >= 256).
     configs = []
     for block_m, block_n, block_k, warps, stages in [
-        (64, 64, 32, 4, 3),
-        (64, 128, 32, 4, 3),
-        (128, 64, 32, 4, 3),
-        (128, 128, 32, 8, 3),
-        (64, 64, 64, 4, 4),
-        (128, 128, 64, 8, 3),
-        (32, 64, 64, 4, 4),
-        (64, 256, 32, 8, 3),
+        (64, 64, 16, 4, 2),
+        (64, 64, 16, 4, 3),
+        (128, 64, 16, 8, 3),
+        (64, 64, 32, 8, 3),
+        (64, 128, 32, 8, 3),
+        (128, 128, 16, 8, 3),
+        (64, 256, 32, 16, 2),
     ]:
         meta = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k}
         configs.append(triton.Config(meta, num_warps=warps, num_stages=stages))
@@ -190,7 +188,7 @@ def _check_inputs(pre, cond, weight, bias, residual) -> None:
             )
     if pre.dtype not in _IO_DTYPES:
         raise ValueError(f"gated_residual: unsupported dtype {pre.dtype}; use float32, bfloat16 or float16")
-    if not (pre.is_cuda or _interpreting()):
+    if not (pre.is_cuda or interpreting()):
         raise ValueError("gated_residual: the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1)")
 
 
@@ -219,7 +217,7 @@ def gated_residual_triton(
     if m == 0:
         return out, gated
 
-    interpret = _interpreting()
+    interpret = interpreting()
     meta = dict(_INTERPRETER_BLOCKS) if interpret else {}  # autotuned on the GPU
 
     def grid(args):
@@ -319,19 +317,6 @@ class _GatedResidualFunction(torch.autograd.Function):
         return grad_pre, grad_cond, grad_w, grad_bias, grad_res
 
 
-def _use_triton(backend: Backend, x: torch.Tensor) -> bool:
-    """Resolve the dispatch: see :mod:`vqgen.kernels` for the convention."""
-    if backend == "torch":
-        return False
-    if backend == "auto":
-        return triton is not None and x.is_cuda and x.dtype in _IO_DTYPES
-    if backend == "triton":
-        if triton is None:
-            raise ConfigError("backend", "'triton' requested but Triton is not installed")
-        if not (x.is_cuda or _interpreting()):
-            raise ConfigError("backend", "'triton' needs CUDA tensors (or TRITON_INTERPRET=1 on a CPU)")
-        return True
-    raise ConfigError("backend", f"expected 'auto', 'triton' or 'torch', got {backend!r}")
 
 
 def gated_residual(
@@ -348,7 +333,7 @@ def gated_residual(
     path every input is first cast to ``pre``'s dtype (as autocast would cast the projection), so
     fp32 parameters work with bf16 activations.
     """
-    if not _use_triton(backend, pre):
+    if not use_triton(backend, pre, supported=pre.dtype in _IO_DTYPES):
         return gated_residual_reference(pre, cond, weight, bias, residual)
 
     def cast(t: torch.Tensor | None) -> torch.Tensor | None:

@@ -13,12 +13,11 @@ once, the codebook once per program (from L2), and writes 12 bytes per row; peak
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
 from vqgen.errors import ConfigError
-from vqgen.kernels import Backend
+from vqgen.kernels import Backend, interpreting, use_triton
 
 try:  # Triton is optional: without it every call takes the PyTorch reference.
     import triton
@@ -105,10 +104,6 @@ def _nearest_code_kernel(
     tl.store(dist_ptr + rows, tl.maximum(row_min + x_sq, 0.0), mask=row_ok)
 
 
-def _interpreting() -> bool:
-    """Whether Triton runs kernels in its CPU interpreter (read at launch, like Triton does)."""
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
-
 
 def _autotune_configs() -> list:
     # The running (min, code) pair costs two [BLOCK_N, BLOCK_K] register tiles besides the
@@ -161,7 +156,7 @@ def _check_inputs(x: torch.Tensor, codebook: torch.Tensor) -> None:
         )
     if x.device != codebook.device:
         raise ValueError(f"nearest_code: x is on {x.device}, the codebook on {codebook.device}")
-    if not (x.is_cuda or _interpreting()):
+    if not (x.is_cuda or interpreting()):
         raise ValueError("nearest_code: the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1)")
 
 
@@ -188,7 +183,7 @@ def nearest_code_triton(x: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.
         return indices, sq_dist
     code_sq = codebook.float().pow(2).sum(1)  # [K]; tiny next to the search
 
-    interpret = _interpreting()
+    interpret = interpreting()
     meta = dict(_INTERPRETER_BLOCKS) if interpret else {}  # autotuned on the GPU
 
     def grid(args):
@@ -230,19 +225,6 @@ def nearest_code_reference(x: torch.Tensor, codebook: torch.Tensor) -> tuple[tor
     return indices, (min_partial + x.pow(2).sum(1)).clamp_min(0)
 
 
-def _use_triton(backend: Backend, x: torch.Tensor) -> bool:
-    """Resolve the dispatch: see :mod:`vqgen.kernels` for the convention."""
-    if backend == "torch":
-        return False
-    if backend == "auto":
-        return triton is not None and x.is_cuda and x.dtype in _IO_DTYPES and x.shape[-1] <= MAX_DIM
-    if backend == "triton":
-        if triton is None:
-            raise ConfigError("backend", "'triton' requested but Triton is not installed")
-        if not (x.is_cuda or _interpreting()):
-            raise ConfigError("backend", "'triton' needs CUDA tensors (or TRITON_INTERPRET=1 on a CPU)")
-        return True
-    raise ConfigError("backend", f"expected 'auto', 'triton' or 'torch', got {backend!r}")
 
 
 def nearest_code(
@@ -253,7 +235,7 @@ def nearest_code(
     On the Triton path, inputs of two different dtypes are both searched in float32, as the
     reference does. Not differentiable (the quantizer detaches its inputs).
     """
-    if not _use_triton(backend, x):
+    if not use_triton(backend, x, supported=x.dtype in _IO_DTYPES and x.shape[-1] <= MAX_DIM):
         return nearest_code_reference(x, codebook)
     if codebook.dtype != x.dtype:
         x, codebook = x.float(), codebook.float()

@@ -9,7 +9,7 @@ import torch
 
 from vqgen.configtools import from_dict
 from vqgen.errors import ConfigError, DataError
-from vqgen.models.attention import strictly_causal_attention
+from vqgen.kernels.causal_attention import strictly_causal_attention
 from vqgen.models.pixelcnn import GatedPixelCNN, PriorConfig, bits_per_dim
 
 SHAPE = (8, 8)

@@ -17,7 +17,7 @@ Cache design. Everything is allocated once, in fixed shapes, and updated in plac
 - horizontal stack, per layer: a window ``[B, C, s+1]`` of the last ``s+1`` input columns, zeroed at
   the start of every row; one column is pushed per step.
 - attention, per block: key and value caches ``[B, heads, HW+1, d]`` in the shifted layout of
-  :func:`~vqgen.models.attention.strictly_causal_attention` (slot 0 = learned start, slot ``q+1`` =
+  :func:`~vqgen.kernels.causal_attention.strictly_causal_attention` (slot 0 = learned start, slot ``q+1`` =
   position ``q``), read by one query through a fixed-shape visibility mask.
 - the conditioning stack and class embeddings run once; their per-layer 1x1 projections run once
   per row.
@@ -39,7 +39,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from vqgen.errors import ConfigError
-from vqgen.models.attention import cached_attention
+from vqgen.kernels.causal_attention import attend_to_cache, new_kv_cache
 from vqgen.models.pixelcnn import GatedPixelCNN
 
 
@@ -145,11 +145,7 @@ class IncrementalPrior:
             self.normed: dict[str, torch.Tensor] = {}
             num_slots = self.height * self.width + 1
             for name, block in prior.attention.items():
-                heads, head_dim = block.start.shape[1:]
-                self.keys[name] = new(b, heads, num_slots, head_dim)
-                self.values[name] = new(b, heads, num_slots, head_dim)
-                self.keys[name][:, :, 0] = block.start[0]
-                self.values[name][:, :, 0] = block.start[1]
+                self.keys[name], self.values[name] = new_kv_cache(block.start[0], block.start[1], b, num_slots)
                 self.normed[name] = new(b, c)
         self.bias_v: list[torch.Tensor | None] = [None] * len(prior.layers)
         self.bias_h: list[torch.Tensor | None] = [None] * len(prior.layers)
@@ -196,7 +192,7 @@ class IncrementalPrior:
         self.normed[name].copy_(normed)  # the keys/values of this position are written by commit()
         q = block.split_heads(block.query(normed)[:, None])  # [B, heads, 1, d]
         visible = self.slots <= self.position_t
-        attended = cached_attention(q, self.keys[name], self.values[name], visible)
+        attended = attend_to_cache(q, self.keys[name], self.values[name], visible)
         return block.finish(a[:, None], attended)[:, 0]
 
     @torch.no_grad()

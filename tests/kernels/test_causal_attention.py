@@ -68,7 +68,7 @@ def test_cached_steps_match_full_attention():
     k_cache, v_cache = new_kv_cache(start_k, start_v, B, L)
     steps = []
     for p in range(L):
-        steps.append(attend_to_cache(q[:, :, p : p + 1], k_cache, v_cache, p + 1))
+        steps.append(attend_to_cache(q[:, :, p : p + 1], k_cache, v_cache, torch.arange(L) <= p))
         if p + 1 < L:
             k_cache[:, :, p + 1] = k[:, :, p]
             v_cache[:, :, p + 1] = v[:, :, p]
@@ -88,8 +88,8 @@ def test_bad_shapes_are_named():
     q, k, v, start_k, start_v = _qkv()
     with pytest.raises(ValueError, match="start_k"):
         strictly_causal_attention(q, k, v, start_k[:, :-1], start_v)
-    with pytest.raises(ValueError, match="length"):
-        attend_to_cache(q[:, :, :1], k, v, L + 1)
+    with pytest.raises(ValueError, match="visible"):
+        attend_to_cache(q[:, :, :1], k, v, torch.ones(L + 1, dtype=torch.bool))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="fused SDPA kernels need a CUDA GPU")

@@ -13,50 +13,10 @@ neighbour), which is what makes strict causality necessary.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-from einops import rearrange, repeat
+from einops import rearrange
 from torch import nn
 
-
-def strictly_causal_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    start_k: torch.Tensor,
-    start_v: torch.Tensor,
-) -> torch.Tensor:
-    """Attention where position ``p`` sees the start slot and positions ``< p`` only.
-
-    Args:
-        q, k, v: ``[B, heads, L, d]`` queries, keys and values of positions ``0 .. L-1``.
-        start_k, start_v: ``[heads, d]`` learned key and value of the start slot.
-    Returns:
-        ``[B, heads, L, d]``.
-    """
-    batch = q.shape[0]
-    # Slot s holds the key of position s-1 (slot 0: start); the last position's key is never seen.
-    start_k = repeat(start_k.to(k.dtype), "n d -> b n 1 d", b=batch)
-    start_v = repeat(start_v.to(v.dtype), "n d -> b n 1 d", b=batch)
-    k = torch.cat([start_k, k[:, :, :-1]], dim=2)
-    v = torch.cat([start_v, v[:, :, :-1]], dim=2)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-
-
-def cached_attention(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, visible: torch.Tensor
-) -> torch.Tensor:
-    """One query step against a pre-allocated key/value cache.
-
-    Args:
-        q: ``[B, heads, 1, d]`` the query of the current position.
-        k_cache, v_cache: ``[B, heads, S, d]`` slots in the layout of
-            :func:`strictly_causal_attention` (slot 0 = start, slot s = position s-1).
-        visible: ``[S]`` bool, True for the slots this position may read (``slot <= p``). A mask of
-            fixed shape keeps every step the same sequence of fixed-shape ops.
-    Returns:
-        ``[B, heads, 1, d]``.
-    """
-    return F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=visible[None, None, None, :])
+from vqgen.kernels.causal_attention import strictly_causal_attention
 
 
 class CausalAttentionBlock(nn.Module):
