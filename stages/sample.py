@@ -63,7 +63,7 @@ def load_samples(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 @torch.no_grad()
-def sample_batch(cfg: SampleStageConfig, models, batch: int, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_batch(cfg: SampleStageConfig, models, batch: int, n: int, device, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``n`` images of global batch ``batch``: uint8 ``[n, C, H, W]`` and labels (-1 if none)."""
     vqvae, top_prior, bottom_prior = models
     generator = torch.Generator(device="cpu").manual_seed(cfg.seed * 1_000_003 + batch)
@@ -71,9 +71,10 @@ def sample_batch(cfg: SampleStageConfig, models, batch: int, n: int, device) -> 
     labels = None
     if num_classes:
         labels = (torch.full((n,), cfg.label) if cfg.label >= 0 else torch.randint(num_classes, (n,), generator=generator)).to(device)
-    top = sample(top_prior, n, labels=labels, config=cfg.top, generator=generator, cached=cfg.cached)
+    top = sample(top_prior, n, labels=labels, config=cfg.top, generator=generator, cached=cfg.cached, progress=progress)
     bottom_labels = labels if bottom_prior.config.num_classes else None
-    bottom = sample(bottom_prior, n, labels=bottom_labels, condition=top, config=cfg.bottom, generator=generator, cached=cfg.cached)
+    bottom = sample(bottom_prior, n, labels=bottom_labels, condition=top, config=cfg.bottom, generator=generator,
+                    cached=cfg.cached, progress=progress)
     images = to_uint8(vqvae.decode_codes(top, bottom).float()).cpu()
     return images, (labels.cpu() if labels is not None else torch.full((n,), -1))
 
@@ -92,7 +93,7 @@ def run(cfg: SampleStageConfig, run_dir: Path, accelerator: Accelerator) -> Stag
     start, made = time.perf_counter(), 0
     for b in tqdm(todo, desc="sample batches", disable=not accelerator.is_main_process):
         n = min(cfg.batch_size, cfg.num_samples - b * cfg.batch_size)
-        images, labels = sample_batch(cfg, models, b, n, device)
+        images, labels = sample_batch(cfg, models, b, n, device, progress=accelerator.is_main_process)
         _save_npz(parts / f"batch-{b:06d}.npz", images=images.numpy(), labels=labels.numpy())
         made += n
     rate = made / max(time.perf_counter() - start, 1e-9)

@@ -2,6 +2,7 @@
 files, weights checks and the reference-statistics cache (with a tiny fake feature extractor)."""
 
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,7 @@ from vqgen.metrics import (
     stats_from_images,
 )
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED_DATA = Path(os.environ.get("VQGEN_TEST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 REAL_WEIGHTS = SHARED_DATA / "inception" / "pt_inception-2015-12-05-nofc.pth"
 
 
