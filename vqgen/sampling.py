@@ -247,6 +247,19 @@ def _new_codes(prior: GatedPixelCNN, n: int) -> torch.Tensor:
     return torch.zeros(n, *prior.config.shape, dtype=torch.int64, device=prior.embed.weight.device)
 
 
+def _raster_sample(prior, n, config, generator, progress, desc, next_logits, commit=None) -> torch.Tensor:
+    """The loop both samplers share: for each position in raster order, draw from ``next_logits``."""
+    codes = _new_codes(prior, n)
+    height, width = prior.config.shape
+    for i in tqdm(range(height), desc=desc, disable=not progress):
+        for j in range(width):
+            chosen = choose_codes(next_logits(codes, i, j), config or SamplerConfig(), generator)
+            codes[:, i, j] = chosen
+            if commit is not None:
+                commit(chosen)
+    return codes
+
+
 def sample_full(
     prior: GatedPixelCNN,
     n: int,
@@ -258,15 +271,9 @@ def sample_full(
     progress: bool = False,
 ) -> torch.Tensor:
     """Reference sampler: run the whole prior once per position. Returns codes ``[n, H, W]``."""
-    config = config or SamplerConfig()
-    codes = _new_codes(prior, n)
-    height, width = prior.config.shape
     with _eval_mode(prior):
-        for i in tqdm(range(height), desc="sampling (full)", disable=not progress):
-            for j in range(width):
-                logits = prior(codes, labels, condition)[:, :, i, j]
-                codes[:, i, j] = choose_codes(logits, config, generator)
-    return codes
+        return _raster_sample(prior, n, config, generator, progress, "sampling (full)",
+                              lambda codes, i, j: prior(codes, labels, condition)[:, :, i, j])
 
 
 def sample_cached(
@@ -280,17 +287,10 @@ def sample_cached(
     progress: bool = False,
 ) -> torch.Tensor:
     """Fast sampler through :class:`IncrementalPrior`. Returns codes ``[n, H, W]``."""
-    config = config or SamplerConfig()
-    codes = _new_codes(prior, n)
-    height, width = prior.config.shape
     with _eval_mode(prior):
         state = IncrementalPrior(prior, n, labels=labels, condition=condition)
-        for i in tqdm(range(height), desc="sampling (cached)", disable=not progress):
-            for j in range(width):
-                chosen = choose_codes(state.step_logits(), config, generator)
-                state.commit(chosen)
-                codes[:, i, j] = chosen
-    return codes
+        return _raster_sample(prior, n, config, generator, progress, "sampling (cached)",
+                              lambda codes, i, j: state.step_logits(), state.commit)
 
 
 def sample(
