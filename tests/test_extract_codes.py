@@ -1,0 +1,88 @@
+"""extract-codes: a half-written store is completed, never mistaken for a finished one."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from vqgen.config import load_config
+from vqgen.data.codes import CodeDataset, CodeStoreWriter, read_store_meta
+from vqgen.errors import DataError
+from vqgen.pipeline import run_single_stage
+from vqgen.models.export import load_model
+from vqgen.stages.extract_codes import store_meta
+
+TINY = """
+[run]
+name = "tiny"
+out_dir = "{out}"
+tracker = "none"
+[data]
+procedural_size = 30
+num_eval = 6
+image_size = 16
+[vqvae.model]
+hidden_channels = 16
+res_channels = 8
+num_res_blocks = 1
+num_codes = 32
+code_dim = 8
+[vqvae.train]
+steps = 2
+batch_size = 8
+[codes]
+batch_size = 4
+"""
+
+
+def records(path):
+    store = CodeDataset(path)
+    try:
+        return [(item["top"].tolist(), item["bottom"].tolist(), item["label"]) for item in (store[i] for i in range(len(store)))]
+    finally:
+        store.close()
+
+
+@pytest.fixture
+def run_cfg(tmp_path):
+    path = tmp_path / "tiny.toml"
+    path.write_text(TINY.format(out=tmp_path))
+    cfg = load_config(path)
+    run_single_stage(cfg, "train-vqvae")
+    return cfg
+
+
+def test_interrupted_extraction_resumes(run_cfg):
+    run_dir = run_cfg.run_dir
+    run_single_stage(run_cfg, "extract-codes")
+    expected = records(run_dir / "codes" / "codes.lmdb")
+
+    # A kill after 10 records: metadata says incomplete, and readers refuse the store.
+    partial = run_dir / "codes" / "codes.lmdb"
+    model, _, checksum = load_model(run_dir / "vqvae")
+    shutil.rmtree(partial)
+    with CodeStoreWriter(partial) as writer:
+        writer.write_meta(store_meta(model, 16, 5, checksum, 30))
+        # Zero codes mark the records written before the kill: resuming must keep them, not redo them.
+        writer.put_batch(list(range(10)), [torch.zeros(10, 2, 2), torch.zeros(10, 4, 4)], [r[2] for r in expected[:10]])
+    assert read_store_meta(partial)["complete"] is False
+    with pytest.raises(DataError, match="did not finish|incomplete|not complete"):
+        CodeDataset(partial)
+
+    run_single_stage(run_cfg, "extract-codes")
+    resumed = records(partial)
+    assert all(top == [[0, 0], [0, 0]] for top, _, _ in resumed[:10])
+    assert resumed[10:] == expected[10:]
+
+
+def test_store_of_another_model_is_restarted(run_cfg):
+    run_dir = run_cfg.run_dir
+    partial = run_dir / "codes" / "codes.lmdb"
+    model, _, checksum = load_model(run_dir / "vqvae")
+    with CodeStoreWriter(partial) as writer:
+        writer.write_meta(store_meta(model, 16, 5, "0" * 64, 30))
+    run_single_stage(run_cfg, "extract-codes")
+    meta = read_store_meta(partial)
+    assert meta["complete"] and meta["source_checksum"] == checksum and meta["count"] == 30
