@@ -11,7 +11,7 @@ import math
 import torch
 from accelerate import Accelerator
 
-from vqgen.metrics.image import psnr
+from vqgen.metrics.image import psnr, usage_from_counts
 
 
 def vqvae_loss(model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -24,13 +24,6 @@ def vqvae_loss(model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         "perplexity_top": out.perplexity_top,
         "perplexity_bottom": out.perplexity_bottom,
     }
-
-
-def _usage(counts: torch.Tensor) -> tuple[float, float]:
-    """Fraction of codes used and perplexity of a code histogram."""
-    probs = counts / counts.sum().clamp_min(1)
-    entropy = -(probs[probs > 0] * probs[probs > 0].log()).sum()
-    return (counts > 0).float().mean().item(), entropy.exp().item()
 
 
 @torch.no_grad()
@@ -60,7 +53,7 @@ def reconstruction_metrics(model, loader, accelerator: Accelerator, max_batches:
     sq_err, psnr_sum = accelerator.reduce(sq_err, "sum"), accelerator.reduce(psnr_sum, "sum")
     metrics = {"val_recon_mse": sq_err.item() / total, "val_psnr": psnr_sum.item() / total, "val_images": total}
     for level, level_counts in counts.items():
-        used, perplexity = _usage(accelerator.reduce(level_counts, "sum"))
+        used, perplexity = usage_from_counts(accelerator.reduce(level_counts, "sum"))
         metrics[f"val_usage_{level}"] = used
         metrics[f"val_perplexity_{level}"] = perplexity
     return metrics

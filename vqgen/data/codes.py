@@ -19,7 +19,6 @@ per process, read-only and without locks, so a :class:`CodeDataset` works in Dat
 from __future__ import annotations
 
 import json
-import math
 import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -34,6 +33,7 @@ import torch
 from torch.utils.data import Dataset
 
 from vqgen.errors import ConfigError, DataError
+from vqgen.metrics.image import usage_from_counts
 
 FORMAT_VERSION = 1
 META_KEY = b"__meta__"
@@ -587,15 +587,6 @@ class CodeDataset(Dataset):
 # Inspection
 
 
-def _perplexity(counts: np.ndarray) -> float:
-    """exp(entropy) of a histogram: the effective number of codes in use."""
-    total = counts.sum()
-    if total == 0:
-        return 0.0
-    p = counts[counts > 0] / total
-    return float(math.exp(-(p * np.log(p)).sum()))
-
-
 def find_store(path: str | os.PathLike) -> Path:
     """The ``codes.lmdb`` directory given itself, the codes stage directory or the run directory."""
     path = Path(path)
@@ -651,9 +642,9 @@ def inspect_store(path: str | os.PathLike, chunk: int = 4096) -> dict[str, Any]:
     level_info = []
     for level in levels:
         counts = histograms[level.name]
-        used = int((counts > 0).sum())
-        level_info.append({**level.to_json(), "used": used, "usage_fraction": used / level.num_codes,
-                           "perplexity": _perplexity(counts)})
+        fraction, perplexity = usage_from_counts(torch.from_numpy(counts))
+        level_info.append({**level.to_json(), "used": int((counts > 0).sum()), "usage_fraction": fraction,
+                           "perplexity": perplexity if counts.any() else 0.0})
     return {
         "path": str(path),
         "format_version": meta["format_version"],

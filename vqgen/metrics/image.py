@@ -59,8 +59,12 @@ def codebook_usage(codes: Tensor, num_codes: int) -> tuple[float, float]:
     low, high = flat.min().item(), flat.max().item()
     if low < 0 or high >= num_codes:
         raise DataError(f"codebook_usage: code {low if low < 0 else high} is outside [0, {num_codes})")
-    counts = torch.bincount(flat, minlength=num_codes).double()
-    probs = counts / counts.sum()
+    return usage_from_counts(torch.bincount(flat, minlength=num_codes))
+
+
+def usage_from_counts(counts: Tensor) -> tuple[float, float]:
+    """Fraction of codes used and perplexity of a code histogram ``counts [K]``."""
+    probs = counts.double() / counts.sum().clamp_min(1)
     used = probs > 0
     entropy = -(probs[used] * probs[used].log()).sum()
-    return used.sum().item() / num_codes, entropy.exp().item()
+    return used.sum().item() / counts.numel(), entropy.exp().item()
