@@ -16,7 +16,8 @@ from vqgen.models.quantize import EMAQuantizer, QuantizerConfig, laplace_smoothe
 
 def _quantizer(**overrides) -> EMAQuantizer:
     torch.manual_seed(0)
-    return EMAQuantizer(QuantizerConfig(**{"num_codes": 16, "code_dim": 4, **overrides}))
+    # Tests that place codes by hand turn the first-batch initialisation off.
+    return EMAQuantizer(QuantizerConfig(**{"num_codes": 16, "code_dim": 4, "data_init": False, **overrides}))
 
 
 def _set_codebook(vq: EMAQuantizer, codebook: torch.Tensor) -> None:
@@ -31,7 +32,7 @@ def _buffers(vq: EMAQuantizer) -> dict[str, torch.Tensor]:
 
 def test_ema_update_matches_hand_computation():
     eps = 1e-5
-    vq = EMAQuantizer(QuantizerConfig(num_codes=3, code_dim=2, decay=0.5, eps=eps, dead_code_threshold=0))
+    vq = EMAQuantizer(QuantizerConfig(num_codes=3, code_dim=2, decay=0.5, eps=eps, dead_code_threshold=0, data_init=False))
     _set_codebook(vq, torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]]))
     # Four vectors in a 1x2x2 map, in (h, w) order: two near code 0, two near code 1, none near 2.
     rows = torch.tensor([[1.0, 0.0], [0.0, 1.0], [9.0, 1.0], [11.0, -1.0]])
@@ -179,7 +180,7 @@ def _distributed_worker(rank: int, world: int, init_file: str, out_dir: str) -> 
     try:
         torch.set_num_threads(1)
         torch.manual_seed(0)  # same initial codebook on both ranks
-        vq = EMAQuantizer(QuantizerConfig(num_codes=16, code_dim=4, decay=0.5, restart_every=3))
+        vq = EMAQuantizer(QuantizerConfig(num_codes=16, code_dim=4, decay=0.5, restart_every=3, data_init=False))
         vq.codebook.add_(5.0)  # most codes go dead, so restarts happen
         vq.ema_embed_sum.add_(5.0)
         gen = torch.Generator().manual_seed(100 + rank)  # different data per rank
@@ -196,7 +197,7 @@ def _no_restart_worker(rank: int, world: int, init_file: str, out_dir: str) -> N
     try:
         torch.set_num_threads(1)
         torch.manual_seed(0)
-        vq = EMAQuantizer(QuantizerConfig(num_codes=16, code_dim=4, dead_code_threshold=0))
+        vq = EMAQuantizer(QuantizerConfig(num_codes=16, code_dim=4, dead_code_threshold=0, data_init=False))
         z = torch.randn(4, 4, 4, 4, generator=torch.Generator().manual_seed(7))
         vq(z[2 * rank : 2 * rank + 2])  # each rank sees half of the batch
         save_file({"codebook": vq.codebook}, f"{out_dir}/half{rank}.safetensors")
@@ -217,8 +218,34 @@ def test_two_processes_keep_identical_codebooks(tmp_path):
     # Summed statistics: two half batches on two ranks give the single-process full-batch codebook.
     mp.spawn(_no_restart_worker, args=(2, str(tmp_path / "init2"), str(tmp_path)), nprocs=2)
     torch.manual_seed(0)
-    single = EMAQuantizer(QuantizerConfig(num_codes=16, code_dim=4, dead_code_threshold=0))
+    single = EMAQuantizer(QuantizerConfig(num_codes=16, code_dim=4, dead_code_threshold=0, data_init=False))
     single(torch.randn(4, 4, 4, 4, generator=torch.Generator().manual_seed(7)))
     for r in range(2):
         half = load_file(tmp_path / f"half{r}.safetensors")["codebook"]
         torch.testing.assert_close(half, single.codebook, atol=1e-5, rtol=1e-5)
+
+
+def test_first_training_batch_initialises_the_codebook():
+    # Encoder outputs far from the random codebook: without the initialisation every vector would
+    # map to one code.
+    z = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(3)) * 0.01 + 0.5
+    collapsed = _quantizer()(z)
+    assert collapsed.codes.unique().numel() == 1
+    vq = _quantizer(data_init=True, decay=0.5)
+    init = _quantizer(data_init=True)
+    init._init_from_data(z.permute(0, 2, 3, 1).reshape(-1, 4))
+    # each initial code is one of the input vectors, and no two codes share one
+    rows = z.permute(0, 2, 3, 1).reshape(-1, 4)
+    assert all((rows == code).all(dim=1).any() for code in init.codebook)
+    assert init.codebook.unique(dim=0).shape[0] == 16
+    out = vq(z)
+    # every code was a distinct input vector (32 vectors >= 16 codes), so many codes are used at once
+    assert out.codes.unique().numel() > 8
+    first_codebook = vq.codebook.clone()
+    vq(z)  # later steps are ordinary EMA updates, never a second initialisation
+    assert int(vq.step) == 2
+    assert torch.cdist(vq.codebook, first_codebook).diagonal().max() < 0.05
+    vq.eval()
+    fresh = _quantizer(data_init=True).eval()
+    fresh(z)
+    assert int(fresh.step) == 0  # evaluation never initialises

@@ -44,6 +44,10 @@ class QuantizerConfig:
     """EMA cluster size below which a code counts as dead and is restarted; 0 disables restarts."""
     restart_every: int = 100
     """Training steps between dead-code checks."""
+    data_init: bool = True
+    """At the first training step, place every code on an encoder output of that batch. A random
+    codebook far from the encoder's outputs sends them all to one code, and a level that starts
+    collapsed tends to stay collapsed (the decoder learns to ignore it)."""
     kernel_backend: Backend = "auto"
     """Nearest-code search implementation: "auto", "triton" or "torch"."""
 
@@ -99,6 +103,17 @@ def laplace_smoothed(sizes: torch.Tensor, eps: float) -> torch.Tensor:
     return (sizes + eps) / (total + sizes.numel() * eps) * total
 
 
+def _pick_rows(flat: torch.Tensor, count: int, seed: int) -> torch.Tensor:
+    """``count`` rows of ``flat [N, D]``: distinct ones when ``N >= count``, else with repeats."""
+    gen = torch.Generator(device=flat.device).manual_seed(seed)
+    n = flat.shape[0]
+    if n >= count:
+        rows = torch.randperm(n, generator=gen, device=flat.device)[:count]
+    else:
+        rows = torch.randint(0, n, (count,), generator=gen, device=flat.device)
+    return flat[rows]
+
+
 class EMAQuantizer(nn.Module):
     """Vector quantizer with an exponential-moving-average codebook and dead-code restarts.
 
@@ -150,6 +165,8 @@ class EMAQuantizer(nn.Module):
     def _quantize(self, z: torch.Tensor, update: bool) -> QuantizerOutput:
         b, _, h, w = z.shape
         flat = rearrange(z, "b d h w -> (b h w) d")  # [N, D]
+        if update and self.config.data_init and int(self.step) == 0:
+            self._init_from_data(flat.detach())
         idx, _ = nearest_code(flat.detach(), self.codebook, backend=self.config.kernel_backend)  # [N]
         counts = torch.bincount(idx, minlength=self.num_codes).float()  # [K], this process only
 
@@ -192,6 +209,15 @@ class EMAQuantizer(nn.Module):
             self._restart_dead_codes(flat)
 
     @torch.no_grad()
+    def _init_from_data(self, flat: torch.Tensor) -> None:
+        """Every code becomes a distinct (where possible) row of ``flat``, with cluster size 1."""
+        picks = _pick_rows(flat, self.num_codes, seed=0)
+        self.codebook.copy_(picks)
+        self.ema_embed_sum.copy_(picks)
+        self.ema_cluster_size.fill_(1.0)
+        self._broadcast_from_rank0()
+
+    @torch.no_grad()
     def _restart_dead_codes(self, flat: torch.Tensor) -> None:
         """Move codes whose EMA cluster size fell below the threshold onto random encoder outputs.
 
@@ -203,17 +229,14 @@ class EMAQuantizer(nn.Module):
         num_dead = int(dead.sum())
         if num_dead > 0:
             # Seeded from the step count so a resumed run restarts the same way.
-            gen = torch.Generator(device=flat.device).manual_seed(int(self.step))
-            n = flat.shape[0]
-            if n >= num_dead:
-                rows = torch.randperm(n, generator=gen, device=flat.device)[:num_dead]
-            else:
-                rows = torch.randint(0, n, (num_dead,), generator=gen, device=flat.device)
-            picks = flat[rows]  # [num_dead, D]
+            picks = _pick_rows(flat, num_dead, seed=int(self.step))  # [num_dead, D]
             # A fresh code starts at the threshold size, holding just the picked vector.
             self.codebook[dead] = picks
             self.ema_cluster_size[dead] = cfg.dead_code_threshold
             self.ema_embed_sum[dead] = picks * cfg.dead_code_threshold
+        self._broadcast_from_rank0()
+
+    def _broadcast_from_rank0(self) -> None:
         if _distributed():
             for buffer in (self.codebook, self.ema_cluster_size, self.ema_embed_sum):
                 dist.broadcast(buffer, src=0)

@@ -53,6 +53,8 @@ class VQVAEConfig:
     """EMA cluster size below which a code is restarted from an encoder output; 0 disables restarts."""
     restart_every: int = 100
     """Training steps between dead-code checks."""
+    data_init: bool = True
+    """Initialise each codebook from the encoder outputs of the first training batch."""
     kernel_backend: Backend = "auto"
     """Nearest-code search implementation: "auto", "triton" or "torch"."""
     latent_loss_weight: float = 1.0
@@ -81,6 +83,7 @@ class VQVAEConfig:
             commitment_cost=self.commitment_cost,
             dead_code_threshold=self.dead_code_threshold,
             restart_every=self.restart_every,
+            data_init=self.data_init,
             kernel_backend=self.kernel_backend,
         )
 
