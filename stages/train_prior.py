@@ -96,7 +96,7 @@ def run(cfg: PriorStageConfig, level: Level, run_dir: Path, accelerator: Acceler
     eval_store = CodeDataset(eval_path) if eval_path.exists() else train_store
     model_cfg = resolve_model_config(cfg, train_store, level)
     model = GatedPixelCNN(model_cfg)
-    eval_loader = shard_loader(eval_store, cfg.train.batch_size, accelerator)
+    eval_loader = shard_loader(eval_store, cfg.train.batch_size, accelerator, cfg.train.num_workers)
 
     def evaluate(model):
         bpd = prior_bits_per_dim(model, eval_loader, accelerator, level, cfg.class_conditional, cfg.eval_batches)

@@ -44,7 +44,7 @@ def run(cfg: VQVAEStageConfig, data: DataConfig, run_dir: Path, accelerator: Acc
     stage_dir = run_dir / DIR
     train_set = build_dataset(data, "train", augment=data.hflip)
     eval_set = build_dataset(data, "eval")
-    eval_loader = shard_loader(eval_set, cfg.train.batch_size, accelerator)
+    eval_loader = shard_loader(eval_set, cfg.train.batch_size, accelerator, cfg.train.num_workers)
     preview = torch.stack([eval_set[i][0] for i in range(min(cfg.num_recon_images, len(eval_set)))])
     model = VQVAE2(cfg.model)
 

@@ -69,8 +69,6 @@ class DataConfig:
     """Random horizontal flips at training time."""
     on_corrupt: Literal["error", "skip"] = "error"
     """A corrupt file in a folder dataset: stop with an error naming it, or skip it and count it."""
-    num_workers: int = 0
-    """DataLoader worker processes."""
 
     def __post_init__(self):
         if self.kind != "procedural" and not self.root:
@@ -79,7 +77,7 @@ class DataConfig:
             raise ConfigError("image_size", f"must be a positive multiple of 8, got {self.image_size}")
         if self.channels not in (1, 3):
             raise ConfigError("channels", f"must be 1 or 3, got {self.channels}")
-        for name in ("num_train", "num_eval", "num_workers", "seed"):
+        for name in ("num_train", "num_eval", "seed"):
             if getattr(self, name) < 0:
                 raise ConfigError(name, f"must be >= 0, got {getattr(self, name)}")
         if self.procedural_size < 1:
