@@ -46,8 +46,8 @@ def _resumable(existing: dict | None, meta: dict) -> bool:
 
 
 @torch.no_grad()
-def extract_split(model, dataset, path: Path, meta: dict, cfg: CodesStageConfig, accelerator: Accelerator) -> float:
-    """Encode ``dataset`` into the store at ``path``; return this process's images per second."""
+def extract_split(model, dataset, path: Path, meta: dict, cfg: CodesStageConfig, accelerator: Accelerator) -> tuple[int, float]:
+    """Encode ``dataset`` into the store at ``path``; return this process's image count and rate."""
     if not _resumable(read_store_meta(path), meta):
         # Codes of another VQ-VAE or another dataset: they cannot be resumed, start over.
         accelerator.wait_for_everyone()
@@ -79,7 +79,7 @@ def extract_split(model, dataset, path: Path, meta: dict, cfg: CodesStageConfig,
         with CodeStoreWriter(path, commit_every=cfg.commit_every) as writer:
             writer.finalize(len(dataset))
     accelerator.wait_for_everyone()
-    return rate
+    return done, rate
 
 
 def run(cfg: CodesStageConfig, data: DataConfig, run_dir: Path, accelerator: Accelerator) -> StageResult:
@@ -91,9 +91,9 @@ def run(cfg: CodesStageConfig, data: DataConfig, run_dir: Path, accelerator: Acc
     for split, name in splits:
         dataset = build_dataset(data, split)
         meta = store_meta(model, data.image_size, dataset.num_classes, checksum, len(dataset))
-        rate = extract_split(model, dataset, stage_dir / name, meta, cfg, accelerator)
-        total_rate = accelerator.reduce(torch.tensor(rate, device=accelerator.device), "sum").item()
-        metrics[f"{split}_images_per_sec"] = total_rate
+        done, rate = extract_split(model, dataset, stage_dir / name, meta, cfg, accelerator)
+        metrics[f"{split}_images_per_sec"] = accelerator.reduce(torch.tensor(rate, device=accelerator.device), "sum").item()
+        metrics[f"{split}_images_per_process"] = accelerator.gather(torch.tensor([done], device=accelerator.device)).tolist()
         outputs[split] = {"store": name, "count": len(dataset)}
     if accelerator.is_main_process:
         for split, name in splits:

@@ -97,7 +97,10 @@ def run(cfg: SampleStageConfig, run_dir: Path, accelerator: Accelerator) -> Stag
         _save_npz(parts / f"batch-{b:06d}.npz", images=images.numpy(), labels=labels.numpy())
         made += n
     rate = made / max(time.perf_counter() - start, 1e-9)
-    metrics = {"samples_per_sec": accelerator.reduce(torch.tensor(rate, device=device), "sum").item()} if made else {}
+    metrics = {
+        "samples_per_sec": accelerator.reduce(torch.tensor(rate, device=device), "sum").item(),
+        "samples_per_process": accelerator.gather(torch.tensor([made], device=device)).tolist(),
+    }
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         batches = [load_samples(parts / f"batch-{b:06d}.npz") for b in range(num_batches)]

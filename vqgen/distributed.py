@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from accelerate import Accelerator
+from accelerate.state import PartialState
+from accelerate.utils import parse_flag_from_env
 from torch.utils.data import DataLoader, Dataset, Subset
 
 
@@ -20,3 +22,13 @@ def shard_loader(dataset: Dataset, batch_size: int, accelerator: Accelerator, nu
     """An in-order DataLoader over this process's shard (no padding, no shuffling)."""
     indices = shard_indices(len(dataset), accelerator.process_index, accelerator.num_processes)
     return DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False, num_workers=num_workers)
+
+
+def process_state() -> PartialState:
+    """This process's place in the process group, as the Accelerators created later will see it.
+
+    The first ``PartialState`` fixes the process group for the whole process. A bare
+    ``PartialState()`` ignores ``ACCELERATE_USE_CPU`` (``Accelerator`` reads it), so on CPU it
+    would settle on one process and every rank would then act as rank 0.
+    """
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))

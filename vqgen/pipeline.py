@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Callable
 
 from accelerate import Accelerator
-from accelerate.state import PartialState
 
 from vqgen.config import PipelineConfig, config_to_toml
+from vqgen.distributed import process_state
 from vqgen.errors import ConfigError
 from vqgen.manifest import StageResult, is_current, manifest_hash, read_manifest, write_manifest
 from vqgen.train import make_accelerator
@@ -67,7 +67,7 @@ def stage_names() -> list[str]:
 
 
 def _write_resolved_config(cfg: PipelineConfig) -> None:
-    if PartialState().is_main_process:
+    if process_state().is_main_process:
         atomic_write_text(cfg.run_dir / "config.toml", config_to_toml(cfg))
 
 
@@ -79,9 +79,9 @@ def run_stage(cfg: PipelineConfig, stage: Stage, dirs: dict[str, str], force: bo
     if missing:
         raise ConfigError("", f"stage {stage.name} needs {', '.join(missing)} to have finished in {run_dir}")
     if not force and is_current(run_dir / stage.dir, stage.config_hash(cfg), inputs):
-        PartialState().print(f"[vqgen] {stage.name}: up to date, skipped")
+        process_state().print(f"[vqgen] {stage.name}: up to date, skipped")
         return read_manifest(run_dir / stage.dir)
-    PartialState().print(f"[vqgen] {stage.name}: running")
+    process_state().print(f"[vqgen] {stage.name}: running")
     accelerator = make_accelerator(
         run_dir / stage.dir, mixed_precision=cfg.run.mixed_precision, tracker=cfg.run.tracker, seed=cfg.run.seed
     )

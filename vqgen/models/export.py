@@ -88,7 +88,7 @@ def load_model(directory: Path, name: str = "model", device: str | torch.device 
     if verify and checksum != info["sha256"]:
         raise CheckpointError(f"{weights} does not match the checksum in {name}.json: the file is damaged or was replaced")
     try:
-        state = load_file(str(weights), device=str(device))
+        state = load_file(str(weights))  # on the CPU; the model moves as a whole below
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"{weights} could not be read ({err})") from None
     model = model_cls(config)
