@@ -4,7 +4,9 @@ Writes ``prior-top/`` or ``prior-bottom/``: ``checkpoints/``, ``model.safetensor
 ``metrics.csv`` (train and validation bits/dim), ``samples.png`` while training, ``manifest.json``.
 The bottom prior is trained first in a pipeline, so the top prior's ``samples.png`` shows full
 ancestral samples (top codes → bottom codes → image); a bottom prior's samples are bottom codes
-drawn for the top codes of real held-out images.
+drawn for the top codes of real held-out images. The export holds the weights with the lowest
+validation bits/dim among the evaluations (``train.export_best``): on small datasets the priors,
+the bottom one especially, overfit long before the last step.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from vqgen.models.export import export_model, load_model
 from vqgen.models.pixelcnn import GatedPixelCNN, PriorConfig
 from vqgen.pictures import save_grid
 from vqgen.sampling import SamplerConfig, sample
-from vqgen.train import fit
+from vqgen.train import best_weights, fit
 from vqgen.utils import sha256_json
 
 Level = Literal["top", "bottom"]
@@ -107,9 +109,9 @@ def run(cfg: PriorStageConfig, level: Level, run_dir: Path, accelerator: Acceler
             write_samples(model, level, run_dir, eval_store, cfg.num_sample_images, stage_dir / "samples.png", accelerator.device)
 
     loss_fn = prior_loss_fn(level, cfg.class_conditional)
-    state = fit(model, train_store, cfg.train, accelerator, stage_dir, loss_fn, evaluate, snapshot)
-    model = accelerator.unwrap_model(model)
+    state = fit(model, train_store, cfg.train, accelerator, stage_dir, loss_fn, evaluate, snapshot, "val_bits_per_dim")
+    model = best_weights(accelerator.unwrap_model(model), state, stage_dir)
     bpd = prior_bits_per_dim(model, eval_loader, accelerator, level, cfg.class_conditional)
     checksum = export_model(model, model_cfg, stage_dir) if accelerator.is_main_process else None
-    outputs = {"model": "model.safetensors", "model_sha256": checksum, "steps": state.step}
+    outputs = {"model": "model.safetensors", "model_sha256": checksum, "steps": state.step, "exported_step": state.best_step if state.best_step >= 0 else state.step}
     return StageResult(outputs, {"val_bits_per_dim": bpd, "uniform_bits_per_dim": math.log2(model_cfg.num_codes)})

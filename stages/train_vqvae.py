@@ -1,6 +1,7 @@
 """Stage train-vqvae: train the hierarchical VQ-VAE-2 and export it for the later stages.
 
-Writes ``vqvae/``: ``checkpoints/`` (for resume), ``model.safetensors`` + ``model.json``,
+The export holds the weights with the lowest validation reconstruction MSE among the evaluations
+(``train.export_best``). Writes ``vqvae/``: ``checkpoints/`` (for resume), ``model.safetensors`` + ``model.json``,
 ``metrics.csv``, ``recon.png`` (originals above reconstructions) and ``manifest.json`` last.
 """
 
@@ -20,7 +21,7 @@ from vqgen.manifest import StageResult
 from vqgen.models.export import export_model
 from vqgen.models.vqvae2 import VQVAE2
 from vqgen.pictures import save_grid
-from vqgen.train import fit
+from vqgen.train import best_weights, fit
 from vqgen.utils import sha256_json
 
 DIR = "vqvae"
@@ -55,8 +56,9 @@ def run(cfg: VQVAEStageConfig, data: DataConfig, run_dir: Path, accelerator: Acc
         if accelerator.is_main_process:
             write_recon_grid(model, preview.to(accelerator.device), stage_dir / "recon.png")
 
-    state = fit(model, train_set, cfg.train, accelerator, stage_dir, vqvae_loss, evaluate, snapshot)
-    model = accelerator.unwrap_model(model)
+    state = fit(model, train_set, cfg.train, accelerator, stage_dir, vqvae_loss, evaluate, snapshot, "val_recon_mse")
+    model = best_weights(accelerator.unwrap_model(model), state, stage_dir)
     metrics = reconstruction_metrics(model, eval_loader, accelerator)  # the whole eval split
     checksum = export_model(model, cfg.model, stage_dir) if accelerator.is_main_process else None
-    return StageResult({"model": "model.safetensors", "model_sha256": checksum, "steps": state.step}, metrics)
+    outputs = {"model": "model.safetensors", "model_sha256": checksum, "steps": state.step, "exported_step": state.best_step if state.best_step >= 0 else state.step}
+    return StageResult(outputs, metrics)

@@ -66,3 +66,39 @@ def test_truncated_checkpoint_is_a_clear_error(tmp_path):
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(CheckpointError, match="could not be loaded"):
         train(tmp_path)
+
+
+def test_best_validation_weights_are_kept_across_a_resume(tmp_path):
+    from safetensors.torch import load_file
+
+    from vqgen.train import BEST_WEIGHTS, best_weights
+
+    scores = iter([3.0, 1.0, 2.0, 5.0])  # evaluations at steps 2, 4, 6 and 8: the best is step 4
+    snapshots = {}
+
+    def evaluate(model):
+        return {"val": next(scores)}
+
+    def snapshot(model, step):
+        snapshots[step] = {k: v.clone() for k, v in model.state_dict().items()}
+
+    data = build_dataset(DataConfig(procedural_size=40, image_size=16), "train")
+    cfg = TrainConfig(steps=8, batch_size=8, checkpoint_every=4, eval_every=2, image_every=2, log_every=1)
+
+    def run(steps):
+        torch.manual_seed(0)
+        model = VQVAE2(TINY)
+        accelerator = make_accelerator(tmp_path, tracker="none", seed=0)
+        state = fit(model, data, TrainConfig(**{**cfg.__dict__, "steps": steps}), accelerator, tmp_path,
+                    vqvae_loss, evaluate, snapshot, best_metric="val")
+        return model, state
+
+    run(4)  # stops after the step-4 checkpoint, as a killed run would have
+    model, state = run(8)  # resumes: steps 6 and 8 are worse than step 4
+    assert (state.best_step, state.best_value) == (4, 1.0)
+    kept = load_file(str(tmp_path / BEST_WEIGHTS))
+    for key, value in snapshots[4].items():
+        assert torch.equal(kept[key], value), key
+    assert not torch.equal(model.state_dict()["decoder.0.weight"], snapshots[4]["decoder.0.weight"])
+    best_weights(model, state, tmp_path)
+    assert torch.equal(model.state_dict()["decoder.0.weight"], snapshots[4]["decoder.0.weight"])

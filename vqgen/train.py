@@ -18,6 +18,7 @@ from typing import Callable, Literal
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
 from accelerate.utils import set_seed
+from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
@@ -55,6 +56,10 @@ class TrainConfig:
     channels_last: bool = True
     compile: bool = False
     """Wrap the model in ``torch.compile`` (GPU runs; the export holds the uncompiled weights)."""
+    export_best: bool = True
+    """Export the weights of the evaluation (every ``eval_every`` steps and at the end) with the best
+    validation figure instead of the last weights: small datasets overfit (the stage's docstring
+    names the figure)."""
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "grad_accum_steps", "log_every", "keep_checkpoints"):
@@ -81,15 +86,20 @@ class TrainState:
     epoch: int = 0
     batch_in_epoch: int = 0
     """Micro-batches of ``epoch`` already consumed (the resume point inside the epoch)."""
+    best_step: int = -1
+    """Step of the best validation figure so far (-1: none yet); its weights are ``best.safetensors``."""
+    best_value: float = math.inf
 
     def state_dict(self) -> dict:
         return asdict(self)
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.epoch, self.batch_in_epoch = (int(state[k]) for k in ("step", "epoch", "batch_in_epoch"))
+        self.best_step, self.best_value = int(state.get("best_step", -1)), float(state.get("best_value", math.inf))
 
 
 TRAIN_STATE = "train_state.json"
+BEST_WEIGHTS = "best.safetensors"
 
 LossFn = Callable[[torch.nn.Module, object], "tuple[torch.Tensor, dict[str, torch.Tensor]]"]
 """``loss_fn(model, batch) -> (loss, metrics)``: one micro-batch's loss and scalars to log."""
@@ -190,6 +200,20 @@ class Checkpointer:
             ) from err
 
 
+def _save_weights(model: torch.nn.Module, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp))
+    tmp.replace(path)
+
+
+def best_weights(model: torch.nn.Module, state: TrainState, stage_dir: Path) -> torch.nn.Module:
+    """Load the best-validation weights kept by :func:`fit` into ``model`` (if any were kept)."""
+    path = stage_dir / BEST_WEIGHTS
+    if state.best_step >= 0 and path.exists():
+        model.load_state_dict(load_file(str(path), device="cpu"))
+    return model
+
+
 def _batches(loader: DataLoader, accelerator: Accelerator, state: TrainState):
     """Micro-batches forever, epoch after epoch, starting at ``state``'s place in its epoch."""
     while True:
@@ -227,11 +251,14 @@ def fit(
     loss_fn: LossFn,
     evaluate: Callable[[torch.nn.Module], dict[str, float]] | None = None,
     snapshot: Callable[[torch.nn.Module, int], None] | None = None,
+    best_metric: str | None = None,
 ) -> TrainState:
     """Train ``model`` for ``cfg.steps`` optimizer steps, resuming from the latest checkpoint.
 
     ``evaluate(model)`` returns validation metrics (called on every process: gather inside it);
     ``snapshot(model, step)`` writes pictures (called on every process; write on the main one).
+    ``best_metric``: a key of ``evaluate``'s result, lower is better; with ``cfg.export_best`` the
+    weights at its best value are kept in ``stage_dir/best.safetensors`` (see :func:`best_weights`).
     """
     accelerator.gradient_accumulation_steps = cfg.grad_accum_steps
     if cfg.channels_last:
@@ -281,7 +308,12 @@ def fit(
             progress.set_postfix(loss=f"{logs['loss']:.4f}")
             window, window_start, window_steps = {}, time.perf_counter(), 0
         if evaluate is not None and (last or (cfg.eval_every and state.step % cfg.eval_every == 0)):
-            accelerator.log(evaluate(accelerator.unwrap_model(model)), step=state.step)
+            val = evaluate(accelerator.unwrap_model(model))
+            accelerator.log(val, step=state.step)
+            if cfg.export_best and best_metric is not None and val[best_metric] < state.best_value:
+                state.best_step, state.best_value = state.step, float(val[best_metric])
+                if accelerator.is_main_process:
+                    _save_weights(accelerator.unwrap_model(model), stage_dir / BEST_WEIGHTS)
         if snapshot is not None and (last or (cfg.image_every and state.step % cfg.image_every == 0)):
             snapshot(accelerator.unwrap_model(model), state.step)
         if last or (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0):
