@@ -27,9 +27,9 @@ num_codes = 32
 code_dim = 16
 restart_every = 20
 [vqvae.train]
-steps = 150
+steps = 200
 batch_size = 32
-lr = 2e-3
+lr = 5e-4
 eval_every = 0
 image_every = 0
 checkpoint_every = 0
