@@ -78,7 +78,8 @@ def run_stage(cfg: PipelineConfig, stage: Stage, dirs: dict[str, str], force: bo
     missing = [name for name, h in inputs.items() if h is None]
     if missing:
         raise ConfigError("", f"stage {stage.name} needs {', '.join(missing)} to have finished in {run_dir}")
-    if not force and is_current(run_dir / stage.dir, stage.config_hash(cfg), inputs):
+    config_hash = stage.config_hash(cfg)
+    if not force and is_current(run_dir / stage.dir, config_hash, inputs):
         process_state().print(f"[vqgen] {stage.name}: up to date, skipped")
         return read_manifest(run_dir / stage.dir)
     process_state().print(f"[vqgen] {stage.name}: running")
@@ -91,7 +92,7 @@ def run_stage(cfg: PipelineConfig, stage: Stage, dirs: dict[str, str], force: bo
     if accelerator.is_main_process:
         # Written last: the upstream manifests checked above make the next invocation's skip test.
         manifest = write_manifest(
-            run_dir / stage.dir, stage.name, stage.config_hash(cfg), inputs, result.outputs, result.metrics
+            run_dir / stage.dir, stage.name, config_hash, inputs, result.outputs, result.metrics
         )
     accelerator.wait_for_everyone()
     return manifest

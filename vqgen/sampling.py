@@ -251,9 +251,10 @@ def _raster_sample(prior, n, config, generator, progress, desc, next_logits, com
     """The loop both samplers share: for each position in raster order, draw from ``next_logits``."""
     codes = _new_codes(prior, n)
     height, width = prior.config.shape
+    config = config or SamplerConfig()
     for i in tqdm(range(height), desc=desc, disable=not progress):
         for j in range(width):
-            chosen = choose_codes(next_logits(codes, i, j), config or SamplerConfig(), generator)
+            chosen = choose_codes(next_logits(codes, i, j), config, generator)
             codes[:, i, j] = chosen
             if commit is not None:
                 commit(chosen)
