@@ -3,7 +3,7 @@
     python benchmarks/sampling_speed.py --level bottom --shape 8 8 --batch 32            # CIFAR-10 bottom, CPU
     python benchmarks/sampling_speed.py --level top --shape 4 4 --batch 32
     python benchmarks/sampling_speed.py --level bottom --shape 64 64 --channels 512 --batch 64 \
-        --cond-blocks 20 --skip-full                                                      # 256x256 bottom, GPU
+        --cond-blocks 20 --skip-full --cuda-graphs                                        # 256x256 bottom, GPU
 
 Random-weight priors of the given size (speed does not depend on the weights; that both paths give
 the same logits and codes is tested in tests/test_sampling.py). The full path runs the whole prior
@@ -50,12 +50,12 @@ def timed(fn, device: str) -> tuple[float, object]:
 def full_seconds_per_position(prior, condition, args) -> float:
     """Time of the reference path per position: one full forward pass, ``--full-positions`` times."""
     codes = torch.zeros(args.batch, *args.shape, dtype=torch.long, device=args.device)
-    gen = torch.Generator(device=args.device).manual_seed(0)
+    uniforms = torch.rand(args.full_positions, args.batch, device=args.device)
 
     def run():
-        for _ in range(args.full_positions):
+        for p in range(args.full_positions):
             logits = prior(codes, condition=condition)[:, :, 0, 0]
-            codes[:, 0, 0] = choose_codes(logits, SamplerConfig(), gen)
+            codes[:, 0, 0] = choose_codes(logits, SamplerConfig(), uniforms[p])
 
     prior(codes, condition=condition)  # warm-up
     seconds, _ = timed(run, args.device)
@@ -76,6 +76,8 @@ def main() -> None:
     p.add_argument("--cond-blocks", type=int, default=4)
     p.add_argument("--full-positions", type=int, default=8)
     p.add_argument("--skip-full", action="store_true", help="time the cached path only")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="also time the cached path with each step replayed as a CUDA graph (GPU only)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
 
@@ -88,6 +90,12 @@ def main() -> None:
               "layers": args.layers, "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
               "threads": torch.get_num_threads(), "cached_seconds": cached_s,
               "cached_samples_per_sec": args.batch / cached_s}
+    if args.cuda_graphs:
+        graphed = lambda: sample_cached(prior, args.batch, condition=condition, generator=gen(), cuda_graphs=True)  # noqa: E731
+        graphed()  # warm-up (the capture itself is inside each call and is timed, as a user pays it)
+        graphed_s, graphed_codes = timed(graphed, args.device)
+        result.update(graphed_seconds=graphed_s, graphed_samples_per_sec=args.batch / graphed_s,
+                      graphed_codes_equal=bool(torch.equal(graphed_codes, codes)))
     if not args.skip_full:
         full_s = full_seconds_per_position(prior, condition, args) * positions
         result.update(full_seconds_estimated=full_s, full_samples_per_sec=args.batch / full_s, speedup=full_s / cached_s)

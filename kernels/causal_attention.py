@@ -122,11 +122,17 @@ def new_kv_cache(
     then, if ``p + 1 < length``, store position ``p``'s key/value in slot ``p + 1`` (the last
     position's key is never attended to).
     """
-    k_cache = start_k.new_zeros(batch_size, start_k.shape[0], length, start_k.shape[1])
-    v_cache = start_v.new_zeros(batch_size, start_v.shape[0], length, start_v.shape[1])
-    k_cache[:, :, 0] = start_k
-    v_cache[:, :, 0] = start_v
+    k_cache = start_k.new_empty(batch_size, start_k.shape[0], length, start_k.shape[1])
+    v_cache = start_v.new_empty(batch_size, start_v.shape[0], length, start_v.shape[1])
+    reset_kv_cache(k_cache, v_cache, start_k, start_v)
     return k_cache, v_cache
+
+
+def reset_kv_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, start_k: torch.Tensor, start_v: torch.Tensor) -> None:
+    """Empty the caches of :func:`new_kv_cache` in place: zeros, and the start key/value in slot 0."""
+    for cache, start in ((k_cache, start_k), (v_cache, start_v)):
+        cache.zero_()
+        cache[:, :, 0] = start
 
 
 def attend_to_cache(

@@ -34,8 +34,8 @@ def config_hash(cfg: CodesStageConfig, data: DataConfig) -> str:
 
 def store_meta(model, image_size: int, num_classes: int, checksum: str, count: int) -> dict:
     top_shape, bottom_shape = model.latent_shapes(image_size)
-    k = model.config.num_codes
-    levels = [CodeLevel("top", tuple(top_shape), k), CodeLevel("bottom", tuple(bottom_shape), k)]
+    k = model.config.level_num_codes
+    levels = [CodeLevel("top", tuple(top_shape), k("top")), CodeLevel("bottom", tuple(bottom_shape), k("bottom"))]
     return make_meta(levels, num_classes=num_classes, source_checksum=checksum, count=count)
 
 

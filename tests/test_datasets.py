@@ -19,10 +19,10 @@ from vqgen.data.datasets import (
     read_idx,
     to_uint8,
 )
-from vqgen.data.procedural import SHAPE_NAMES
+from vqgen.data import procedural
+from vqgen.data.procedural import PALETTE, SHADE, SHAPE_NAMES
 from vqgen.errors import ConfigError, DataError
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 # --- procedural --------------------------------------------------------------------------------
@@ -58,6 +58,55 @@ def test_procedural_other_sizes_and_grey():
     assert image.shape == (1, 16, 16)
     big, _ = build_dataset(DataConfig(image_size=64, procedural_size=4), "train")[0]
     assert big.shape == (3, 64, 64)
+
+
+def test_procedural_palette_limits_the_colours():
+    palette = PALETTE[:4]
+    y, x = np.mgrid[0:32, 0:32].astype(np.float32) + 0.5
+    for seed in range(40):
+        rng = np.random.default_rng(seed)
+        _, (first, second) = procedural._background(rng, x, y, 32, palette)
+        assert any(np.array_equal(first, c) for c in palette)
+        np.testing.assert_allclose(second, first * SHADE)
+        shape_colour = procedural._contrasting_colour(rng, np.stack([first, second]), palette)
+        assert any(np.array_equal(shape_colour, c) for c in palette)
+    # The shape's colour is not always the same for a given background colour.
+    rng = np.random.default_rng(0)
+    colours = {tuple(procedural._contrasting_colour(rng, palette[:1], palette)) for _ in range(30)}
+    assert len(colours) > 1
+    # Wired through the config: a palette set differs from the plain one, bad sizes are refused.
+    ds = build_dataset(DataConfig(procedural_size=8, procedural_palette=4), "train")
+    assert not torch.equal(ds[0][0], build_dataset(DataConfig(procedural_size=8), "train")[0][0])
+    with pytest.raises(ConfigError, match="procedural_palette"):
+        DataConfig(procedural_palette=1)
+    with pytest.raises(ConfigError, match="procedural_palette"):
+        DataConfig(procedural_palette=len(PALETTE) + 1)
+
+
+def test_procedural_backgrounds_and_rotation_options():
+    plain = build_dataset(DataConfig(procedural_size=30), "train")
+    # The defaults name every background kind and rotate: the same images as the plain set.
+    explicit = build_dataset(DataConfig(procedural_size=30, procedural_backgrounds=procedural.BACKGROUNDS,
+                                        procedural_rotate=True), "train")
+    assert all(torch.equal(plain[i][0], explicit[i][0]) for i in range(30))
+    solid = build_dataset(DataConfig(procedural_size=30, procedural_backgrounds=("solid",)), "train")
+    for i in range(30):
+        image = solid[i][0]
+        # A solid background: the four corners (never covered by the shape) have one colour.
+        corners = image[:, [0, 0, -1, -1], [0, -1, 0, -1]]
+        assert torch.allclose(corners, corners[:, :1].expand(-1, 4), atol=1e-6), i
+    # Upright shapes: an unrotated square is symmetric about its centre lines.
+    y, x = np.mgrid[0:33, 0:33].astype(np.float32) - 16.0
+    square = procedural.shape_sdf(SHAPE_NAMES.index("square"), x, y, 10.0, 0.0)
+    assert np.allclose(square, square[::-1]) and np.allclose(square, square[:, ::-1])
+    # Only the shape's angle changes: circles and rings are the same images, the others are not.
+    upright = build_dataset(DataConfig(procedural_size=30, procedural_rotate=False), "train")
+    round_shapes = {SHAPE_NAMES.index("circle"), SHAPE_NAMES.index("ring")}
+    for i in range(30):
+        same = torch.equal(plain[i][0], upright[i][0])
+        assert same == (plain[i][1] in round_shapes), i
+    with pytest.raises(ConfigError, match="procedural_backgrounds"):
+        DataConfig(procedural_backgrounds=())
 
 
 def test_num_train_takes_the_first_items():
@@ -162,8 +211,8 @@ def test_npz_that_is_not_an_npz(tmp_path):
         build_dataset(DataConfig(kind="npz", root=str(path)), "train")
 
 
-def test_cifar10_subset_npz():
-    path = SHARED_DATA / "cifar10-subset" / "cifar10_subset.npz"
+def test_cifar10_subset_npz(shared_data):
+    path = shared_data / "cifar10-subset" / "cifar10_subset.npz"
     if not path.is_file():
         pytest.skip("shared CIFAR-10 subset not available")
     ds = build_dataset(DataConfig(kind="npz", root=str(path), num_eval=8), "eval")
@@ -314,8 +363,8 @@ def test_mnist_missing_files_say_what_was_looked_for(tmp_path):
         build_dataset(DataConfig(kind="mnist", root=str(tmp_path)), "train")
 
 
-def test_shared_fashion_mnist_test_split():
-    root = SHARED_DATA / "fashion-mnist"
+def test_shared_fashion_mnist_test_split(shared_data):
+    root = shared_data / "fashion-mnist"
     if not (root / "FashionMNIST" / "raw" / "t10k-images-idx3-ubyte.gz").is_file():
         pytest.skip("shared Fashion-MNIST not available")
     ds = build_dataset(DataConfig(kind="fashion_mnist", root=str(root), num_eval=10, channels=1), "eval")
@@ -323,8 +372,8 @@ def test_shared_fashion_mnist_test_split():
     assert ds[0][0].shape == (1, 32, 32)
 
 
-def test_shared_mnist_partial_root():
-    root = SHARED_DATA / "mnist"
+def test_shared_mnist_partial_root(shared_data):
+    root = shared_data / "mnist"
     if not (root / "MNIST" / "raw" / "t10k-images-idx3-ubyte.gz").is_file():
         pytest.skip("shared MNIST not available")
     cfg = DataConfig(kind="mnist", root=str(root), num_eval=3)

@@ -11,6 +11,7 @@ from vqgen.sampling import (
     IncrementalPrior,
     SamplerConfig,
     choose_codes,
+    draw_uniforms,
     filter_logits,
     sample,
     sample_cached,
@@ -90,6 +91,42 @@ def test_cached_and_full_sampling_give_the_same_codes(settings):
     assert not torch.equal(cached, other)
 
 
+def test_generate_restarts_from_a_clean_state_in_the_same_buffers():
+    # CUDA-graph replay relies on reset() restoring every cache in place: a second map drawn with
+    # the same uniforms, after a half-finished manual run, must be identical, with no buffer moved.
+    prior, labels, condition = build(ODD, batch=2)
+    state = IncrementalPrior(prior, 2, labels=labels, condition=condition)
+    height, width = prior.config.shape
+    uniforms = torch.rand(height * width, 2, generator=torch.Generator().manual_seed(11))
+    config = SamplerConfig(top_k=6)
+    first = state.generate(config, uniforms)
+    addresses = [t.data_ptr() for t in (*state.vertical_windows, *state.links, *state.keys.values(), state.codes)]
+    assert state.done
+    state.reset()
+    for _ in range(width + 2):  # leave it mid-row, caches full of other codes
+        state.step_logits()
+        state.commit(torch.randint(0, prior.config.num_codes, (2,)))
+    again = state.generate(config, uniforms)
+    assert torch.equal(first, again)
+    assert addresses == [t.data_ptr() for t in (*state.vertical_windows, *state.links, *state.keys.values(), state.codes)]
+    reference = sample_full(prior, 2, labels=labels, condition=condition, config=config,
+                            generator=torch.Generator().manual_seed(11))
+    assert torch.equal(first, reference)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("settings", [TOP, BOTTOM], ids=["top", "bottom"])
+def test_cuda_graph_replay_draws_the_same_codes_as_eager_steps(settings):
+    prior, labels, condition = build(settings, batch=4)
+    prior = prior.cuda()
+    labels = None if labels is None else labels.cuda()
+    condition = None if condition is None else condition.cuda()
+    kwargs = dict(labels=labels, condition=condition, config=SamplerConfig(top_p=0.9))
+    eager = sample_cached(prior, 4, generator=torch.Generator().manual_seed(2), **kwargs)
+    graphed = sample_cached(prior, 4, generator=torch.Generator().manual_seed(2), cuda_graphs=True, **kwargs)
+    assert torch.equal(eager, graphed)
+
+
 def test_temperature_zero_is_argmax_of_full_logits():
     prior, labels, _ = build(TOP, batch=2)
     config = SamplerConfig(temperature=0.0)
@@ -144,12 +181,39 @@ def test_filter_logits_top_p_keeps_the_smallest_nucleus():
 def test_tiny_top_p_sampling_equals_argmax():
     torch.manual_seed(0)
     logits = torch.randn(64, 16)
-    chosen = choose_codes(logits, SamplerConfig(top_p=1e-6), torch.Generator().manual_seed(0))
+    chosen = choose_codes(logits, SamplerConfig(top_p=1e-6), torch.rand(64))
     assert torch.equal(chosen, logits.argmax(dim=-1))
     # Probabilities 0.4, 0.3, 0.2, 0.1: a 0.65 nucleus is the first two codes, and both get drawn.
     peaked = torch.tensor([0.4, 0.3, 0.2, 0.1]).log().expand(200, 4)
-    drawn = choose_codes(peaked, SamplerConfig(top_p=0.65), torch.Generator().manual_seed(0))
+    drawn = choose_codes(peaked, SamplerConfig(top_p=0.65), torch.rand(200))
     assert set(drawn.tolist()) == {0, 1}
+
+
+def test_drawn_codes_follow_the_softmax_probabilities():
+    # Inverse-CDF draws on uniforms: frequencies match softmax(logits / T), and a code outside the
+    # top-k set is never drawn, even for uniforms at the very ends of [0, 1).
+    probs = torch.tensor([0.5, 0.0, 0.2, 0.25, 0.05])
+    logits = probs.clamp_min(1e-30).log().expand(200_000, 5)
+    drawn = choose_codes(logits, SamplerConfig(), torch.rand(200_000, generator=torch.Generator().manual_seed(3)))
+    frequencies = torch.bincount(drawn, minlength=5).double() / drawn.numel()
+    assert torch.allclose(frequencies, probs.double(), atol=4e-3)
+    assert frequencies[1] == 0
+    edges = torch.tensor([0.0, 1e-9, 0.5, 0.9999999, 0.99999994])  # the last: the largest float32 below 1
+    topk = choose_codes(logits[:5], SamplerConfig(top_k=2), edges)
+    assert set(topk.tolist()) <= {0, 3}
+    assert topk[0] == 0 and topk[-1] == 3
+    # Temperature sharpens: at T = 0.5 the probabilities are proportional to p^2.
+    sharp = choose_codes(logits, SamplerConfig(temperature=0.5), torch.rand(200_000, generator=torch.Generator().manual_seed(4)))
+    squared = probs.double() ** 2 / (probs.double() ** 2).sum()
+    assert torch.allclose(torch.bincount(sharp, minlength=5).double() / sharp.numel(), squared, atol=4e-3)
+
+
+def test_uniforms_come_from_the_generator_device_and_are_moved():
+    first = draw_uniforms(6, 3, torch.Generator().manual_seed(5), torch.device("cpu"))
+    again = draw_uniforms(6, 3, torch.Generator().manual_seed(5), torch.device("meta"))
+    assert first.shape == (6, 3) and again.device.type == "meta"
+    assert torch.equal(first, draw_uniforms(6, 3, torch.Generator().manual_seed(5), torch.device("cpu")))
+    assert ((first >= 0) & (first < 1)).all()
 
 
 @pytest.mark.parametrize(

@@ -139,4 +139,20 @@ def test_config_validation_and_round_trip():
         from_dict(VQVAEConfig, {"num_codes": 0}, prefix="vqvae")
     cfg = VQVAEConfig(**TINY, kernel_backend="torch")
     assert from_dict(VQVAEConfig, to_dict(cfg)) == cfg
-    assert cfg.quantizer_config().num_codes == 32 and cfg.quantizer_config().kernel_backend == "torch"
+    assert cfg.quantizer_config("top").num_codes == 32 and cfg.quantizer_config("top").kernel_backend == "torch"
+    assert cfg.quantizer_config("bottom").num_codes == 32
+    with pytest.raises(ConfigError, match="bottom_num_codes"):
+        VQVAEConfig(bottom_num_codes=-1)
+
+
+def test_levels_can_have_different_codebook_sizes():
+    model = VQVAE2(VQVAEConfig(**{**TINY, "bottom_num_codes": 8})).eval()
+    assert model.quantizer_top.num_codes == 32 and model.quantizer_bottom.num_codes == 8
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        top, bottom = model.encode(images)
+        assert int(bottom.max()) < 8
+        model.decode_codes(top, bottom)
+        with pytest.raises(DataError, match=r"bottom codes must lie in \[0, 8\)"):
+            model.decode_codes(top, torch.full_like(bottom, 8))
+        model.decode_codes(torch.full_like(top, 31), bottom)  # 31 is a valid top code

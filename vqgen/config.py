@@ -101,6 +101,9 @@ class SampleStageConfig:
     bottom: SamplerConfig = field(default_factory=SamplerConfig)
     cached: bool = True
     """Incremental sampling with activation caches (False: full recomputation, the slow reference)."""
+    cuda_graphs: bool = False
+    """On a GPU, replay each cached sampling step as a CUDA graph (one launch per step instead of
+    one per kernel; same codes). Off by default until it has been measured on hardware: see NOTES.md."""
     label: int = -1
     """Class to sample when the priors are class-conditional; -1 draws labels uniformly."""
     seed: int = 0

@@ -34,8 +34,8 @@ def reconstruction_metrics(model, loader, accelerator: Accelerator, max_batches:
     """
     was_training = model.training
     model.eval()
-    num_codes = model.config.num_codes
-    counts = {level: torch.zeros(num_codes, device=accelerator.device) for level in ("top", "bottom")}
+    counts = {level: torch.zeros(model.config.level_num_codes(level), device=accelerator.device)
+              for level in ("top", "bottom")}
     sq_err, psnr_sum, n = torch.zeros((), device=accelerator.device), torch.zeros((), device=accelerator.device), 0
     for i, (images, _) in enumerate(loader):
         if max_batches and i >= max_batches:
@@ -46,8 +46,8 @@ def reconstruction_metrics(model, loader, accelerator: Accelerator, max_batches:
         sq_err += (recon - images).pow(2).mean(dim=(1, 2, 3)).sum()
         psnr_sum += psnr(recon, images, data_range=2.0)[0].sum().float()
         n += images.shape[0]
-        counts["top"] += torch.bincount(top.flatten(), minlength=num_codes)
-        counts["bottom"] += torch.bincount(bottom.flatten(), minlength=num_codes)
+        counts["top"] += torch.bincount(top.flatten(), minlength=counts["top"].numel())
+        counts["bottom"] += torch.bincount(bottom.flatten(), minlength=counts["bottom"].numel())
     model.train(was_training)
     total = accelerator.reduce(torch.tensor(float(n), device=accelerator.device), "sum").item()
     sq_err, psnr_sum = accelerator.reduce(sq_err, "sum"), accelerator.reduce(psnr_sum, "sum")

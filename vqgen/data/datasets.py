@@ -31,7 +31,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as TF
 
-from vqgen.data.procedural import EVAL_STREAM, TRAIN_STREAM, ProceduralShapes
+from vqgen.data.procedural import EVAL_STREAM, TRAIN_STREAM, ProceduralShapes, option_problems
 from vqgen.errors import ConfigError, DataError
 
 Split = Literal["train", "eval"]
@@ -63,6 +63,14 @@ class DataConfig:
     """Use only the first N eval images (0 = all)."""
     procedural_size: int = 20000
     """Number of procedural train images; the eval split (another seed stream) has a quarter."""
+    procedural_palette: int = 0
+    """Procedural colours: 0 = anywhere in the RGB cube; 2-12 = only that many fixed, well-separated
+    colours (backgrounds shaded with a darker tone of their colour): an easier set for short runs."""
+    procedural_backgrounds: tuple[Literal["solid", "gradient", "two_tone", "stripes"], ...] = (
+        "solid", "gradient", "two_tone", "stripes")
+    """Procedural background kinds to draw from."""
+    procedural_rotate: bool = True
+    """Rotate the procedural shapes by a random angle (False: upright squares, triangles, crosses)."""
     seed: int = 0
     """Seed of the procedural images."""
     hflip: bool = False
@@ -82,6 +90,8 @@ class DataConfig:
                 raise ConfigError(name, f"must be >= 0, got {getattr(self, name)}")
         if self.procedural_size < 1:
             raise ConfigError("procedural_size", f"must be >= 1, got {self.procedural_size}")
+        for option, problem in option_problems(self.procedural_palette, self.procedural_backgrounds).items():
+            raise ConfigError(f"procedural_{option}", problem)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -475,9 +485,10 @@ class ImageDataset(Dataset):
 
 
 def _procedural_source(cfg: DataConfig, split: Split) -> ProceduralShapes:
-    if split == "train":
-        return ProceduralShapes(cfg.procedural_size, cfg.image_size, cfg.seed, TRAIN_STREAM)
-    return ProceduralShapes(max(1, cfg.procedural_size // 4), cfg.image_size, cfg.seed, EVAL_STREAM)
+    length = cfg.procedural_size if split == "train" else max(1, cfg.procedural_size // 4)
+    stream = TRAIN_STREAM if split == "train" else EVAL_STREAM
+    return ProceduralShapes(length, cfg.image_size, cfg.seed, stream, cfg.procedural_palette,
+                            cfg.procedural_backgrounds, cfg.procedural_rotate)
 
 
 def build_source(cfg: DataConfig, split: Split) -> ImageSource:

@@ -14,6 +14,14 @@ import numpy as np
 SHAPE_NAMES = ("circle", "square", "triangle", "ring", "cross")
 BACKGROUNDS = ("solid", "gradient", "two_tone", "stripes")
 
+# Well-separated colours for the palette variant, most distinct first (a palette of n uses the first n).
+PALETTE = np.array([
+    (0.90, 0.10, 0.10), (0.10, 0.45, 0.95), (0.98, 0.85, 0.10), (0.10, 0.70, 0.25),
+    (0.95, 0.95, 0.95), (0.55, 0.15, 0.75), (0.98, 0.50, 0.05), (0.05, 0.80, 0.80),
+    (0.95, 0.40, 0.70), (0.45, 0.30, 0.15), (0.08, 0.08, 0.08), (0.60, 0.85, 0.15),
+])
+SHADE = 0.6  # a palette background's second colour is its first darkened by this factor
+
 # Stream ids keep the train and eval images disjoint for the same seed.
 TRAIN_STREAM = 0
 EVAL_STREAM = 1
@@ -64,13 +72,17 @@ def shape_sdf(shape: int, x: np.ndarray, y: np.ndarray, radius: float, angle: fl
     raise ValueError(f"unknown shape class {shape}")
 
 
-def _background(rng: np.random.Generator, x: np.ndarray, y: np.ndarray,
-                size: int) -> tuple[np.ndarray, np.ndarray]:
+def _background(rng: np.random.Generator, x: np.ndarray, y: np.ndarray, size: int,
+                palette: np.ndarray | None, kinds: tuple[str, ...] = BACKGROUNDS) -> tuple[np.ndarray, np.ndarray]:
     """Returns the background image [S,S,3] in [0,1] and the colours it was made from [n,3]."""
-    kind = BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
-    c1 = rng.uniform(0.0, 1.0, size=3)
-    # The second colour is a nearby shade, so the background stays a background.
-    c2 = np.clip(c1 + rng.uniform(-0.35, 0.35, size=3), 0.0, 1.0)
+    kind = kinds[rng.integers(len(kinds))]
+    if palette is None:
+        c1 = rng.uniform(0.0, 1.0, size=3)
+        # The second colour is a nearby shade, so the background stays a background.
+        c2 = np.clip(c1 + rng.uniform(-0.35, 0.35, size=3), 0.0, 1.0)
+    else:
+        c1 = palette[rng.integers(len(palette))]
+        c2 = c1 * SHADE
     angle = rng.uniform(0.0, 2.0 * np.pi)
     u, _ = _rotate(x - size / 2.0, y - size / 2.0, angle)  # signed distance along a random direction
     if kind == "solid":
@@ -87,25 +99,39 @@ def _background(rng: np.random.Generator, x: np.ndarray, y: np.ndarray,
     return image, np.stack([c1, c2])
 
 
-def _contrasting_colour(rng: np.random.Generator, avoid: np.ndarray, tries: int = 12) -> np.ndarray:
-    """The candidate colour farthest from every colour in ``avoid`` [n,3], so the shape stands out."""
-    candidates = rng.uniform(0.0, 1.0, size=(tries, 3))
+def _contrasting_colour(rng: np.random.Generator, avoid: np.ndarray, palette: np.ndarray | None) -> np.ndarray:
+    """The candidate colour farthest from every colour in ``avoid`` [n,3], so the shape stands out.
+
+    Candidates: 12 random colours, or 3 distinct palette colours (few enough that the shape's
+    colour still varies for a given background).
+    """
+    if palette is None:
+        candidates = rng.uniform(0.0, 1.0, size=(12, 3))
+    else:
+        candidates = palette[rng.choice(len(palette), size=min(3, len(palette)), replace=False)]
     dists = np.linalg.norm(candidates[:, None, :] - avoid[None, :, :], axis=-1).min(axis=1)
     return candidates[np.argmax(dists)]
 
 
-def render_shape_image(rng: np.random.Generator, image_size: int) -> tuple[np.ndarray, int]:
-    """Draw one image from ``rng``: returns (uint8 [S,S,3], shape class)."""
+def render_shape_image(rng: np.random.Generator, image_size: int, palette: np.ndarray | None = None,
+                       backgrounds: tuple[str, ...] = BACKGROUNDS, rotate: bool = True) -> tuple[np.ndarray, int]:
+    """Draw one image from ``rng``: returns (uint8 [S,S,3], shape class).
+
+    ``palette [n,3]`` restricts the colours (None: anywhere in the RGB cube), ``backgrounds`` the
+    background kinds; ``rotate = False`` draws every shape upright.
+    """
     s = image_size
     y, x = np.mgrid[0:s, 0:s].astype(np.float32) + 0.5  # pixel centres, [S,S] each
-    background, bg_colours = _background(rng, x, y, s)
+    background, bg_colours = _background(rng, x, y, s, palette, backgrounds)
 
     shape = int(rng.integers(len(SHAPE_NAMES)))
     radius = rng.uniform(0.2, 0.38) * s
     margin = radius * 1.05
     cx, cy = rng.uniform(margin, s - margin, size=2)
+    # Drawn either way, so the upright set is the rotated one with the rotation removed.
     angle = rng.uniform(0.0, 2.0 * np.pi)
-    colour = _contrasting_colour(rng, bg_colours)
+    angle = angle if rotate else 0.0
+    colour = _contrasting_colour(rng, bg_colours, palette)
 
     sdf = shape_sdf(shape, x - cx, y - cy, radius, angle)
     alpha = np.clip(0.5 - sdf, 0.0, 1.0)[..., None]  # coverage of each pixel, [S,S,1]
@@ -113,20 +139,39 @@ def render_shape_image(rng: np.random.Generator, image_size: int) -> tuple[np.nd
     return np.round(image * 255.0).astype(np.uint8), shape
 
 
+def option_problems(palette_size: int, backgrounds: tuple[str, ...]) -> dict[str, str]:
+    """What is wrong with the variant options, by option name (empty when they are valid)."""
+    problems = {}
+    if not 0 <= palette_size <= len(PALETTE) or palette_size == 1:
+        problems["palette"] = f"must be 0 (any colour) or 2..{len(PALETTE)}, got {palette_size}"
+    if not backgrounds or set(backgrounds) - set(BACKGROUNDS):
+        problems["backgrounds"] = f"must be a non-empty subset of {BACKGROUNDS}, got {tuple(backgrounds)}"
+    return problems
+
+
 class ProceduralShapes:
     """``length`` images of one coloured shape each; item ``i`` is ``(uint8 [S,S,3], class)``.
 
     Deterministic per ``(seed, stream, index)``; ``stream`` separates the train and eval splits.
+    ``palette_size`` > 0 draws every colour from the first ``palette_size`` of :data:`PALETTE`,
+    ``backgrounds`` limits the background kinds and ``rotate = False`` keeps the shapes upright:
+    easier sets, for runs too short to model the full variety.
     """
 
     num_classes = len(SHAPE_NAMES)
     class_names = SHAPE_NAMES
 
-    def __init__(self, length: int, image_size: int, seed: int, stream: int = TRAIN_STREAM):
+    def __init__(self, length: int, image_size: int, seed: int, stream: int = TRAIN_STREAM,
+                 palette_size: int = 0, backgrounds: tuple[str, ...] = BACKGROUNDS, rotate: bool = True):
+        for option, problem in option_problems(palette_size, backgrounds).items():
+            raise ValueError(f"{option}: {problem}")
         self.length = length
         self.image_size = image_size
         self.seed = seed
         self.stream = stream
+        self.palette = PALETTE[:palette_size] if palette_size else None
+        self.backgrounds = tuple(backgrounds)
+        self.rotate = rotate
 
     def __len__(self) -> int:
         return self.length
@@ -135,4 +180,4 @@ class ProceduralShapes:
         if not 0 <= index < self.length:
             raise IndexError(f"index {index} out of range for {self.length} procedural images")
         rng = np.random.default_rng([self.seed, self.stream, index])
-        return render_shape_image(rng, self.image_size)
+        return render_shape_image(rng, self.image_size, self.palette, self.backgrounds, self.rotate)

@@ -40,7 +40,10 @@ class VQVAEConfig:
     num_res_blocks: int = 2
     """Residual blocks per encoder and decoder."""
     num_codes: int = 512
-    """Codebook size K of each level."""
+    """Codebook size K of the top level (and of the bottom level unless ``bottom_num_codes`` is set)."""
+    bottom_num_codes: int = 0
+    """Codebook size of the bottom level; 0: the same as ``num_codes``. A smaller bottom codebook
+    pushes more of the image's information into the top codes, whose prior is cheaper to train."""
     code_dim: int = 64
     """Dimension D of each code, both levels."""
     decay: float = 0.99
@@ -71,12 +74,20 @@ class VQVAEConfig:
             raise ConfigError("num_res_blocks", f"must be >= 0, got {self.num_res_blocks}")
         if self.latent_loss_weight < 0:
             raise ConfigError("latent_loss_weight", f"must be >= 0, got {self.latent_loss_weight}")
-        self.quantizer_config()  # validates the quantizer fields under their own names
+        if self.bottom_num_codes < 0:
+            raise ConfigError("bottom_num_codes", f"must be >= 0, got {self.bottom_num_codes}")
+        self.quantizer_config("top")  # validates the quantizer fields under their own names
 
-    def quantizer_config(self) -> QuantizerConfig:
-        """The config of each level's quantizer (both levels share it)."""
+    def level_num_codes(self, level: str) -> int:
+        """Codebook size of ``level`` ("top" or "bottom")."""
+        if level == "bottom" and self.bottom_num_codes:
+            return self.bottom_num_codes
+        return self.num_codes
+
+    def quantizer_config(self, level: str) -> QuantizerConfig:
+        """The config of one level's quantizer (the levels differ only in codebook size)."""
         return QuantizerConfig(
-            num_codes=self.num_codes,
+            num_codes=self.level_num_codes(level),
             code_dim=self.code_dim,
             decay=self.decay,
             eps=self.eps,
@@ -190,14 +201,13 @@ class VQVAE2(nn.Module):
     def __init__(self, config: VQVAEConfig):
         super().__init__()
         self.config = config
-        quantizer_config = config.quantizer_config()
         self.encoder_bottom = _encoder_x4(config)
         self.encoder_top = _encoder_x2(config)
         self.pre_quant_top = nn.Conv2d(config.hidden_channels, config.code_dim, 1)
-        self.quantizer_top = EMAQuantizer(quantizer_config)
+        self.quantizer_top = EMAQuantizer(config.quantizer_config("top"))
         self.decoder_top = _decoder_x2(config)
         self.pre_quant_bottom = nn.Conv2d(config.code_dim + config.hidden_channels, config.code_dim, 1)
-        self.quantizer_bottom = EMAQuantizer(quantizer_config)
+        self.quantizer_bottom = EMAQuantizer(config.quantizer_config("bottom"))
         self.upsample_top = nn.ConvTranspose2d(config.code_dim, config.code_dim, 4, stride=2, padding=1)
         self.decoder = _decoder_x4(config)
 
@@ -275,7 +285,7 @@ class VQVAE2(nn.Module):
                 f"[{codes_top.shape[0]}, {2 * th}, {2 * tw}], got {list(codes_bottom.shape)}"
             )
         for name, codes in (("top", codes_top), ("bottom", codes_bottom)):
-            if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.config.num_codes):
-                raise DataError(f"{name} codes must lie in [0, {self.config.num_codes}), got "
-                                f"[{int(codes.min())}, {int(codes.max())}]")
+            k = self.config.level_num_codes(name)
+            if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= k):
+                raise DataError(f"{name} codes must lie in [0, {k}), got [{int(codes.min())}, {int(codes.max())}]")
         return self._decode(self.quantizer_top.lookup(codes_top), self.quantizer_bottom.lookup(codes_bottom))
