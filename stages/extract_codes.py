@@ -33,9 +33,8 @@ def config_hash(cfg: CodesStageConfig, data: DataConfig) -> str:
 
 
 def store_meta(model, image_size: int, num_classes: int, checksum: str, count: int) -> dict:
-    top_shape, bottom_shape = model.latent_shapes(image_size)
-    k = model.config.level_num_codes
-    levels = [CodeLevel("top", tuple(top_shape), k("top")), CodeLevel("bottom", tuple(bottom_shape), k("bottom"))]
+    levels = [CodeLevel(level, tuple(shape), model.config.level_num_codes(level))
+              for level, shape in zip(("top", "bottom"), model.latent_shapes(image_size))]
     return make_meta(levels, num_classes=num_classes, source_checksum=checksum, count=count)
 
 

@@ -46,8 +46,8 @@ def reconstruction_metrics(model, loader, accelerator: Accelerator, max_batches:
         sq_err += (recon - images).pow(2).mean(dim=(1, 2, 3)).sum()
         psnr_sum += psnr(recon, images, data_range=2.0)[0].sum().float()
         n += images.shape[0]
-        counts["top"] += torch.bincount(top.flatten(), minlength=counts["top"].numel())
-        counts["bottom"] += torch.bincount(bottom.flatten(), minlength=counts["bottom"].numel())
+        for level, codes in (("top", top), ("bottom", bottom)):
+            counts[level] += torch.bincount(codes.flatten(), minlength=counts[level].numel())
     model.train(was_training)
     total = accelerator.reduce(torch.tensor(float(n), device=accelerator.device), "sum").item()
     sq_err, psnr_sum = accelerator.reduce(sq_err, "sum"), accelerator.reduce(psnr_sum, "sum")

@@ -224,9 +224,12 @@ class IncrementalPrior:
         for window in self.horizontal_windows:
             window.zero_()
 
-    def _start_row(self) -> None:
+    def _start_row(self, advance_rows=None) -> None:
+        """At the first position of a row: finish the previous row (``advance_rows``, by default
+        :meth:`_advance_rows` or its graph replay), then this row's biases (tiny, once per row:
+        not worth a graph of its own)."""
         if self.position > 0:
-            self._advance_rows()
+            (advance_rows or self._advance_rows)()
         self._row_biases()
 
     @staticmethod
@@ -314,11 +317,9 @@ class IncrementalPrior:
         if cuda_graphs and self.codes.is_cuda:
             replay_row, replay_step = self._capture(config)
         positions = tqdm(range(self.height * self.width), desc="sampling (cached)", disable=not progress)
-        for p in positions:
-            if p % self.width == 0:
-                if p > 0:
-                    replay_row()
-                self._row_biases()  # tiny, once per row: not worth a graph of its own
+        for _ in positions:
+            if self.position % self.width == 0:
+                self._start_row(replay_row)
             replay_step()
             self.position += 1
         return self.codes.view(-1, self.height, self.width).clone()
