@@ -4,11 +4,12 @@ Shapes are PixelCNN layers: channels 128-512, maps 8x8 to 64x64, batches 32-512,
 conditioning bias, projection bias and residual all present (the prior's common case). Forward only:
 the backward is PyTorch on every path.
 
-    python benchmarks/bench_gated.py [--out BENCHMARKS.md]
+    python benchmarks/bench_gated.py [--out BENCHMARKS.md] [--quick | --smoke]
 
 Reports time (median and 20-80th percentile, ms), effective bandwidth (the bytes the fused kernel
 must move, divided by time, for every provider), TFLOP/s of the projection, the fraction of the
-measured copy-bandwidth ceiling, and the speed-up of Triton over eager and over compile.
+measured copy-bandwidth ceiling, the speed-up of Triton over eager and over compile, and each
+provider's largest difference from eager on the same inputs.
 """
 
 from __future__ import annotations
@@ -16,8 +17,7 @@ from __future__ import annotations
 import torch
 
 from ceilings import measure_ceilings
-from common import Table, append_markdown, bench_all, compile_reference, fmt, fp32_matmul_precision, parse_args
-from common import require_gpu, speedup
+from common import Harness, Table, append_markdown, fmt, fp32_matmul_precision, max_abs_diff, speedup
 
 # (batch, map side, channels): top-prior-like small maps with wide layers, bottom-prior-like large maps.
 SHAPES = [
@@ -29,12 +29,16 @@ SHAPES = [
     (512, 8, 512),
     (128, 32, 512),
 ]
+QUICK_SHAPES = [(32, 64, 128), (128, 32, 256), (512, 8, 512)]  # one per channel width
+SMOKE_SHAPES = [(2, 3, 24)]  # odd sizes: partial tiles
 DTYPES = [torch.bfloat16, torch.float32]
+# Largest difference from eager accepted: bf16 rounds the gated product and the projection's inputs.
+TOLERANCE = {torch.bfloat16: 0.1, torch.float32: 1e-3}
 
 
-def _inputs(m: int, c: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def _inputs(m: int, c: int, dtype: torch.dtype, device: str) -> dict[str, torch.Tensor]:
     def rand(*shape, scale=1.0):
-        return (torch.randn(*shape, device="cuda") * scale).to(dtype)
+        return (torch.randn(*shape, device=device) * scale).to(dtype)
 
     return {
         "pre": rand(m, 2 * c),
@@ -51,46 +55,53 @@ def _fused_bytes(m: int, c: int, dtype: torch.dtype) -> int:
 
 
 def main() -> None:
-    require_gpu("bench_gated.py")
-    args = parse_args(__doc__.splitlines()[0])
+    harness = Harness.start("bench_gated.py", __doc__.splitlines()[0])
     from vqgen.kernels.gated import gated_residual_reference, gated_residual_triton
 
     torch.manual_seed(0)
-    ceilings = measure_ceilings()
+    ceilings = measure_ceilings(harness)
     columns = ["B", "map", "C", "dtype", "provider", "ms (p20-p80)", "GB/s", "TFLOP/s", "% BW ceiling"]
-    table = Table("gated_residual forward", columns + ["vs eager", "vs compile"])
-    compiled = compile_reference(gated_residual_reference, args.compile_mode)
+    table = Table(harness.title("gated_residual forward"), columns + ["vs eager", "vs compile", "max |diff|"])
+    compiled = harness.compile(gated_residual_reference)
     with fp32_matmul_precision("highest"):
-        for batch, side, c in SHAPES:
+        for batch, side, c in harness.shapes(SHAPES, QUICK_SHAPES, SMOKE_SHAPES):
             m = batch * side * side
             for dtype in DTYPES:
-                x = _inputs(m, c, dtype)
-                timings = bench_all(
-                    {
-                        "eager": lambda: gated_residual_reference(**x),
-                        "compile": lambda: compiled(**x),
-                        "triton": lambda: gated_residual_triton(**x),
-                    }
-                )
+                x = _inputs(m, c, dtype, harness.device)
+                providers = {
+                    "eager": lambda: gated_residual_reference(**x),
+                    "compile": lambda: compiled(**x),
+                    "triton": lambda: gated_residual_triton(**x),
+                }
+                outputs = harness.run_all(providers)
+                timings = harness.bench_all(providers)
+                label = str(dtype).removeprefix("torch.")
                 for name, timing in timings.items():
+                    diff = None
+                    if outputs[name] is not None and outputs["eager"] is not None:
+                        diff = max_abs_diff(outputs[name], outputs["eager"])
+                        harness.check(f"{name}, B {batch}, {side}x{side}, C {c}, {label}", diff <= TOLERANCE[dtype],
+                                      f"differs from eager by {diff:.3g}")
                     seconds = timing.median * 1e-3 if timing else None
                     gbs = _fused_bytes(m, c, dtype) / seconds / 1e9 if seconds else None
                     tflops = 2 * m * c * c / seconds / 1e12 if seconds else None
                     pct = 100 * gbs / ceilings.bandwidth_gbs if gbs else None
-                    row = [batch, f"{side}x{side}", c, str(dtype).removeprefix("torch."), name, fmt(timing, "")]
+                    row = [batch, f"{side}x{side}", c, label, name, fmt(timing, "")]
                     row += [fmt(gbs, ".0f"), fmt(tflops), fmt(pct)]
-                    table.add(*row, speedup(timings["eager"], timing), speedup(timings["compile"], timing))
-                del x
+                    row += [speedup(timings["eager"], timing), speedup(timings["compile"], timing), fmt(diff, ".2g")]
+                    table.add(*row)
+                del x, outputs
     table.print()
     notes = [
         f"ceilings: copy {ceilings.bandwidth_gbs:.0f} GB/s, bf16 matmul {ceilings.bf16_tflops:.0f} TFLOP/s",
-        f"torch.compile mode: {args.compile_mode}; fp32 matmul precision: highest (no TF32)",
+        f"torch.compile mode: {harness.compile_mode}; fp32 matmul precision: highest (no TF32)",
         "GB/s counts the bytes the fused kernel must move (pre, cond, residual, weight in; out, gated out)",
+        "max |diff|: largest difference from eager PyTorch's output on the same inputs",
     ]
     for note in notes:
         print(note)
-    if args.out:
-        append_markdown(args.out, "gated_residual (bench_gated.py)", [table], notes)
+    if harness.out:
+        append_markdown(harness.out, "gated_residual (bench_gated.py)", [table], notes)
 
 
 if __name__ == "__main__":

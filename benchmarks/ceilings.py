@@ -4,16 +4,18 @@
 - matmul throughput: large square matmuls in bf16, in fp32 with TF32 tensor cores, and in strict
   fp32 (the FMA units), so each kernel is compared with the units its dtype runs on.
 
-Run alone to print them: ``python benchmarks/ceilings.py``.
+Run alone to print them: ``python benchmarks/ceilings.py`` (``--json`` for one machine-readable line).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass
 
 import torch
 
-from common import bench, environment_line, fp32_matmul_precision, require_gpu
+from common import Harness, Table, append_markdown, environment_line, fp32_matmul_precision
 
 
 @dataclass
@@ -30,39 +32,48 @@ class Ceilings:
         return self.fp32_tflops if fp32_precision == "highest" else self.tf32_tflops
 
 
-def measure_bandwidth(nbytes: int = 2**31) -> float:
-    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+def measure_bandwidth(harness: Harness, nbytes: int) -> float:
+    src = torch.empty(nbytes, dtype=torch.uint8, device=harness.device)
     dst = torch.empty_like(src)
-    timing = bench(lambda: dst.copy_(src))
+    timing = harness.bench(lambda: dst.copy_(src))
     return 2 * nbytes / (timing.median * 1e-3) / 1e9
 
 
-def measure_matmul(dtype: torch.dtype, n: int = 8192, fp32_precision: str = "highest") -> float:
-    a = torch.randn(n, n, device="cuda").to(dtype)
-    b = torch.randn(n, n, device="cuda").to(dtype)
+def measure_matmul(harness: Harness, dtype: torch.dtype, n: int, fp32_precision: str = "highest") -> float:
+    a = torch.randn(n, n, device=harness.device).to(dtype)
+    b = torch.randn(n, n, device=harness.device).to(dtype)
     with fp32_matmul_precision(fp32_precision):
-        timing = bench(lambda: a @ b)
+        timing = harness.bench(lambda: a @ b)
     return 2 * n**3 / (timing.median * 1e-3) / 1e12
 
 
-def measure_ceilings() -> Ceilings:
-    """About ten seconds on a current GPU."""
+def measure_ceilings(harness: Harness) -> Ceilings:
+    """About ten seconds on a current GPU: a 2 GiB copy, 8192^2 bf16 / TF32 and 4096^2 fp32 matmuls."""
+    scale = 16 if harness.smoke else 1
     return Ceilings(
-        bandwidth_gbs=measure_bandwidth(),
-        bf16_tflops=measure_matmul(torch.bfloat16),
-        tf32_tflops=measure_matmul(torch.float32, fp32_precision="high"),
-        fp32_tflops=measure_matmul(torch.float32, n=4096),
+        bandwidth_gbs=measure_bandwidth(harness, 2**31 // scale**2),
+        bf16_tflops=measure_matmul(harness, torch.bfloat16, 8192 // scale),
+        tf32_tflops=measure_matmul(harness, torch.float32, 8192 // scale, fp32_precision="high"),
+        fp32_tflops=measure_matmul(harness, torch.float32, 4096 // scale),
     )
 
 
 def main() -> None:
-    require_gpu("ceilings.py")
-    ceilings = measure_ceilings()
-    print(environment_line())
-    print(f"copy bandwidth      {ceilings.bandwidth_gbs:8.0f} GB/s")
-    print(f"bf16 matmul         {ceilings.bf16_tflops:8.1f} TFLOP/s")
-    print(f"tf32 matmul         {ceilings.tf32_tflops:8.1f} TFLOP/s")
-    print(f"fp32 matmul (FMA)   {ceilings.fp32_tflops:8.1f} TFLOP/s")
+    harness = Harness.start("ceilings.py", __doc__.splitlines()[0], flags={"--json": "print one JSON line"})
+    ceilings = measure_ceilings(harness)
+    if harness.args.json:
+        print(json.dumps(dataclasses.asdict(ceilings)))
+    table = Table(harness.title("measured ceilings"), ["quantity", "value"])
+    table.add("copy bandwidth (read + write)", f"{ceilings.bandwidth_gbs:.0f} GB/s")
+    table.add("bf16 matmul", f"{ceilings.bf16_tflops:.1f} TFLOP/s")
+    table.add("tf32 matmul", f"{ceilings.tf32_tflops:.1f} TFLOP/s")
+    table.add("fp32 matmul (FMA)", f"{ceilings.fp32_tflops:.1f} TFLOP/s")
+    if not harness.args.json:
+        print(environment_line())
+        table.print()
+    if harness.out:
+        notes = ["copy: 2 GiB device to device; matmuls: 8192^2 (bf16, TF32) and 4096^2 (fp32), median of do_bench"]
+        append_markdown(harness.out, "ceilings (ceilings.py)", [table], notes)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,11 @@
 Timing uses ``triton.testing.do_bench`` (CUDA events, L2 flushed between runs) and reports the
 median with the 20th and 80th percentiles. Tables print to stdout; ``--out FILE`` appends them as
 markdown under a heading naming the GPU, the date and the library versions.
+
+``--smoke`` runs a script end to end at tiny shapes on whatever device is present (on a CPU, the
+Triton kernels through Triton's interpreter and ``torch.compile`` through the ``aot_eager``
+backend), each provider once, and fails if a provider disagrees with eager PyTorch. It checks the
+script, not the speed: its times are single wall-clock calls and it refuses ``--out``.
 """
 
 from __future__ import annotations
@@ -10,9 +15,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import os
 import sys
+import time
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -22,22 +29,29 @@ QUANTILES = [0.5, 0.2, 0.8]
 def require_gpu(script: str) -> None:
     """Exit with a clear message unless a CUDA GPU and Triton are available."""
     if not torch.cuda.is_available():
-        sys.exit(f"{script}: needs a CUDA GPU, and none is visible to torch; nothing was measured.")
+        sys.exit(f"{script}: needs a CUDA GPU, and none is visible to torch; nothing was measured "
+                 "(--smoke checks the script on a CPU).")
     try:
         import triton  # noqa: F401
     except ImportError:
         sys.exit(f"{script}: needs Triton (pip install triton); nothing was measured.")
 
 
-def parse_args(description: str) -> argparse.Namespace:
+def parse_args(description: str, argv: Sequence[str] | None = None, flags: dict[str, str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=description)
+    for flag, help_text in (flags or {}).items():
+        parser.add_argument(flag, action="store_true", help=help_text)
     parser.add_argument("--out", help="append the results as markdown to this file")
     parser.add_argument(
         "--compile-mode",
         default="max-autotune-no-cudagraphs",
         help="torch.compile mode for the compiled reference (default: %(default)s)",
     )
-    return parser.parse_args()
+    parser.add_argument("--quick", action="store_true",
+                        help="a representative subset of the shapes, for time-limited runs")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny shapes, any device, one call per provider: checks the script, measures nothing")
+    return parser.parse_args(argv)
 
 
 @dataclass
@@ -52,31 +66,124 @@ class Timing:
         return f"{self.median:.3f} ({self.p20:.3f}-{self.p80:.3f})"
 
 
-def bench(fn: Callable[[], object]) -> Timing | None:
-    """Time ``fn`` on the GPU; None if it runs out of memory."""
-    from triton.testing import do_bench
+@dataclass
+class Harness:
+    """Where and how a benchmark script runs: on the GPU and timed, or as a smoke check."""
 
-    try:
-        median, p20, p80 = do_bench(fn, quantiles=QUANTILES)
-    except torch.OutOfMemoryError:
-        torch.cuda.empty_cache()
-        return None
-    return Timing(median, p20, p80)
+    device: str
+    smoke: bool
+    quick: bool
+    compile_mode: str
+    out: str | None
+    args: argparse.Namespace
 
+    @classmethod
+    def start(cls, script: str, description: str, argv: Sequence[str] | None = None,
+              flags: dict[str, str] | None = None) -> "Harness":
+        """Parse the command line (with the script's own boolean ``flags``: name -> help); without
+        ``--smoke``, exit unless a GPU and Triton are present."""
+        args = parse_args(description, argv, flags)
+        if not args.smoke:
+            require_gpu(script)
+            return cls("cuda", False, args.quick, args.compile_mode, args.out, args)
+        if args.out:
+            sys.exit(f"{script}: --smoke measures nothing, so it writes no --out file.")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cpu":
+            # Read by Triton when a kernel launches; set before the kernels' modules are imported.
+            os.environ["TRITON_INTERPRET"] = "1"
+        return cls(device, True, args.quick, args.compile_mode, None, args)
 
-def peak_memory(fn: Callable[[], object]) -> int | None:
-    """Bytes ``fn`` allocates at its peak beyond what was allocated before; None if out of memory."""
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    try:
-        fn()
+    def shapes(self, full: list, quick: list, smoke: list) -> list:
+        """The shape list this run covers."""
+        return smoke if self.smoke else quick if self.quick else full
+
+    def title(self, text: str) -> str:
+        """A table title; a smoke run's says its times measure nothing."""
+        return f"{text} [smoke run on {self.device}: single calls, not measurements]" if self.smoke else text
+
+    def synchronize(self) -> None:
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+
+    def bench(self, fn: Callable[[], object]) -> Timing | None:
+        """Time ``fn``; None if it runs out of GPU memory. A smoke run times one call."""
+        if self.smoke:
+            start = time.perf_counter()
+            fn()
+            self.synchronize()
+            ms = (time.perf_counter() - start) * 1e3
+            return Timing(ms, ms, ms)
+        from triton.testing import do_bench
+
+        try:
+            median, p20, p80 = do_bench(fn, quantiles=QUANTILES)
+        except torch.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            return None
+        return Timing(median, p20, p80)
+
+    def bench_all(self, providers: dict[str, Callable[[], object]]) -> dict[str, Timing | None]:
+        """Time every provider, in order."""
+        return {name: self.bench(fn) for name, fn in providers.items()}
+
+    def run_all(self, providers: dict[str, Callable[[], object]]) -> dict[str, object | None]:
+        """Each provider's output (None if out of memory); also the warm-up and compile call."""
+        outputs = {}
+        for name, fn in providers.items():
+            try:
+                outputs[name] = fn()
+            except torch.OutOfMemoryError:
+                torch.cuda.empty_cache()
+                outputs[name] = None
+        return outputs
+
+    def peak_memory(self, fn: Callable[[], object]) -> int | None:
+        """Bytes ``fn`` allocates at its peak beyond what was allocated before; None if out of
+        memory or not on a GPU."""
+        if self.device != "cuda":
+            return None
         torch.cuda.synchronize()
-    except torch.OutOfMemoryError:
         torch.cuda.empty_cache()
-        return None
-    return torch.cuda.max_memory_allocated() - before
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        try:
+            fn()
+            torch.cuda.synchronize()
+        except torch.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            return None
+        return torch.cuda.max_memory_allocated() - before
+
+    def compile(self, fn: Callable) -> Callable:
+        """``torch.compile`` of a reference, shapes static (each benchmark shape compiles once).
+
+        A smoke run on a CPU traces with ``aot_eager``, which needs no C++ toolchain.
+        """
+        import torch._dynamo
+
+        # One compiled entry per benchmark shape and dtype; past the default limit of 8, dynamo would
+        # silently run the rest eagerly and the "compile" rows would measure eager PyTorch.
+        torch._dynamo.config.recompile_limit = 64
+        if self.smoke and self.device == "cpu":
+            return torch.compile(fn, backend="aot_eager", dynamic=False)
+        return torch.compile(fn, mode=self.compile_mode, dynamic=False)
+
+    def check(self, what: str, ok: bool, detail: str) -> None:
+        """A provider that disagrees with eager fails a smoke run and is flagged in a timed one."""
+        if ok:
+            return
+        message = f"{what}: {detail}"
+        if self.smoke:
+            raise SystemExit(f"smoke check failed: {message}")
+        print(f"WARNING: {message}", flush=True)
+
+
+def max_abs_diff(output: object, reference: object) -> float:
+    """Largest absolute difference over a tensor or a tuple of tensors, in float32."""
+    if isinstance(output, torch.Tensor):
+        return (output.float() - reference.float()).abs().max().item()
+    return max(max_abs_diff(o, r) for o, r in zip(output, reference))
 
 
 @contextlib.contextmanager
@@ -91,21 +198,6 @@ def fp32_matmul_precision(precision: str) -> Iterator[None]:
         yield
     finally:
         torch.set_float32_matmul_precision(previous)
-
-
-def compile_reference(fn: Callable, mode: str) -> Callable:
-    """``torch.compile`` of a reference, shapes static (each benchmark shape compiles once)."""
-    import torch._dynamo
-
-    # One compiled entry per benchmark shape and dtype; past the default limit of 8, dynamo would
-    # silently run the rest eagerly and the "compile" rows would measure eager PyTorch.
-    torch._dynamo.config.recompile_limit = 64
-    return torch.compile(fn, mode=mode, dynamic=False)
-
-
-def bench_all(providers: dict[str, Callable[[], object]]) -> dict[str, Timing | None]:
-    """Time every provider, in order."""
-    return {name: bench(fn) for name, fn in providers.items()}
 
 
 def fmt(value: object | None, spec: str = ".1f", unit: str = "") -> str:
@@ -149,7 +241,7 @@ class Table:
 def environment_line() -> str:
     import triton
 
-    gpu = torch.cuda.get_device_name()
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     today = datetime.date.today().isoformat()
     return f"{gpu}, {today}, torch {torch.__version__}, triton {triton.__version__}, CUDA {torch.version.cuda}"
 

@@ -57,13 +57,22 @@ def build(args):
     return model, batch, loss
 
 
-def prior_flops(model: torch.nn.Module, inputs, device) -> float:
-    """Forward FLOPs counted with torch's FLOP counter (matmuls, convolutions, SDPA)."""
+def prior_flops(args) -> float:
+    """Forward FLOPs of one batch through the prior, from torch's FLOP counter.
+
+    Counted on a copy of the same architecture on the PyTorch reference path
+    (``kernel_backend="torch"``): the counter sees aten ops only, so the 1x1 projection inside the fused
+    Triton epilogue would go uncounted. Convolutions count their cropped (causal) kernels, and
+    attention counts the full L x L products, the counter's rule for SDPA.
+    """
     from torch.utils.flop_counter import FlopCounterMode
 
+    model, make_batch, _ = build(argparse.Namespace(**{**vars(args), "backend": "torch"}))
+    model = model.to(args.device)
+    codes, condition = make_batch()
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
-        model(inputs[0], condition=inputs[1])
+        model(codes, condition=condition)
     return float(counter.get_total_flops())
 
 
@@ -124,7 +133,7 @@ def main() -> None:
               "compile": args.compile, "channels_last": args.channels_last, "backend": args.backend,
               "step_ms": seconds * 1e3, "images_per_sec": args.batch / seconds}
     if args.model != "vqvae":
-        flops = 3 * prior_flops(model, inputs, args.device)  # forward + backward ~ 3x forward
+        flops = 3 * prior_flops(args)  # forward + backward ~ 3x forward
         result["model_tflops"] = flops / seconds / 1e12
         if args.peak_tflops:
             result["mfu"] = result["model_tflops"] / args.peak_tflops

@@ -20,3 +20,23 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real test data not found at {SHARED_DATA} (set VQGEN_TEST_DATA)")
     return SHARED_DATA
+
+
+class HostReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts reads of tensor values back to Python (``int(t)``, ``t.item()``, ``bool(t)``): on a
+    GPU each one makes the CPU wait until the GPU has caught up."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def host_reads() -> type[HostReads]:
+    """``with host_reads() as reads: ...; reads.count``."""
+    return HostReads

@@ -194,3 +194,21 @@ def test_bad_inputs_raise_data_error_naming_the_input():
         prior(codes, labels, condition[:1])
     with pytest.raises(DataError, match="condition"):
         prior(codes, labels, None)
+    # Out of range, each input named with its bound and the values found.
+    with pytest.raises(DataError, match=r"codes: values must lie in \[0, %d\), got \[-1, " % cfg.num_codes):
+        prior(torch.where(codes == codes[0, 0, 0], -1, codes), labels, condition)
+    with pytest.raises(DataError, match=r"labels: values must lie in \[0, 2\), got \[\d+, 2\]"):
+        prior(codes, torch.tensor([0, 2]), condition)
+    with pytest.raises(DataError, match=r"condition: values must lie in \[0, %d\)" % cfg.condition_num_codes):
+        prior(codes, labels, condition + cfg.condition_num_codes)
+
+
+def test_a_training_forward_reads_back_one_value(host_reads):
+    """The range checks of codes, labels and condition share one read back to the host: on a GPU
+    each read makes the CPU wait for the device, once per step instead of twice per input."""
+    cfg = bottom_config(num_classes=2)
+    prior = GatedPixelCNN(cfg).train()
+    codes, labels, condition = make_inputs(cfg, batch=2)
+    with host_reads() as reads:
+        GatedPixelCNN.loss(prior(codes, labels, condition), codes).backward()
+    assert reads.count == 1

@@ -117,12 +117,12 @@ def test_restart_disabled_with_zero_threshold():
     assert vq(z, update=False).codes.unique().numel() <= 2
 
 
-def test_state_dict_resume_reproduces_restarts():
-    def batches():
-        gen = torch.Generator().manual_seed(3)
-        return [torch.randn(2, 4, 4, 4, generator=gen) for _ in range(6)]
-
-    data = batches()
+@pytest.mark.parametrize("steps_before_load", [0, 2], ids=["fresh", "used"])
+def test_state_dict_resume_reproduces_restarts(steps_before_load):
+    """The restart schedule follows the loaded step count, also in a quantizer that has run
+    steps of its own before the load (its next restart would otherwise fall elsewhere)."""
+    gen = torch.Generator().manual_seed(3)
+    data = [torch.randn(2, 4, 4, 4, generator=gen) for _ in range(6)]
     straight = _quantizer(restart_every=2)
     for z in data:
         straight(z)
@@ -130,13 +130,28 @@ def test_state_dict_resume_reproduces_restarts():
     first = _quantizer(restart_every=2)
     for z in data[:3]:
         first(z)
-    resumed = EMAQuantizer(first.config)
+    resumed = _quantizer(restart_every=2)
+    for z in data[:steps_before_load]:
+        resumed(z)
     resumed.load_state_dict(first.state_dict())
     assert int(resumed.step) == 3
     for z in data[3:]:
         resumed(z)
     for key, value in straight.state_dict().items():
         assert torch.equal(resumed.state_dict()[key], value), key
+
+
+@pytest.mark.parametrize("data_init", [True, False])
+def test_training_steps_read_nothing_back_from_the_device(data_init, host_reads):
+    """Between restarts a training step makes no host read: on a GPU each would stall the CPU
+    until the GPU caught up. (The first step, an initialisation or a restart may read.)"""
+    vq = _quantizer(restart_every=4, data_init=data_init)
+    z = torch.randn(2, 4, 4, 4)
+    vq(z)  # step 1 (initialises from data when asked)
+    with host_reads() as reads:
+        vq(z)  # step 2
+        vq(z)  # step 3
+    assert reads.count == 0
 
 
 def test_fp32_under_bf16_autocast():

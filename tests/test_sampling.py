@@ -114,6 +114,21 @@ def test_generate_restarts_from_a_clean_state_in_the_same_buffers():
     assert torch.equal(first, reference)
 
 
+@pytest.mark.parametrize("settings", [TOP, BOTTOM, ODD], ids=["top", "bottom", "odd"])
+@pytest.mark.parametrize("config", [SamplerConfig(), SamplerConfig(top_k=5, temperature=0.7), SamplerConfig(top_p=0.9)],
+                         ids=["plain", "top-k", "top-p"])
+def test_generating_a_map_reads_nothing_back_from_the_device(settings, config, host_reads):
+    """A host read inside a step would stall eager GPU sampling at every position and cannot be
+    recorded in a CUDA graph; the whole map is drawn without one."""
+    prior, labels, condition = build(settings, batch=2)
+    state = IncrementalPrior(prior, 2, labels=labels, condition=condition)
+    height, width = prior.config.shape
+    uniforms = torch.rand(height * width, 2, generator=torch.Generator().manual_seed(5))
+    with host_reads() as reads:
+        state.generate(config, uniforms)
+    assert reads.count == 0
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("settings", [TOP, BOTTOM], ids=["top", "bottom"])
 def test_cuda_graph_replay_draws_the_same_codes_as_eager_steps(settings):

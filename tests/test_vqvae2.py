@@ -77,6 +77,17 @@ def test_encode_never_updates_codebooks_in_training_mode():
     assert int(model.quantizer_bottom.step) == 1 and int(model.quantizer_top.step) == 1
 
 
+def test_training_steps_read_nothing_back_from_the_device(host_reads):
+    """Forward and backward of the whole model, between codebook restarts, never wait for the device."""
+    model = _model().train()
+    x = _images(2, 32)
+    model(x).loss.backward()  # the first step initialises the codebooks from this batch
+    with host_reads() as reads:
+        for _ in range(3):
+            model(x).loss.backward()
+    assert reads.count == 0
+
+
 def test_adam_steps_reduce_loss():
     # The random initial codebook gives a fixed, high starting loss to measure the optimiser against
     # (the first-batch codebook initialisation has its own test).

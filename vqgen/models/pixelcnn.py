@@ -322,13 +322,14 @@ class GatedPixelCNN(nn.Module):
     ) -> None:
         """Raise :class:`DataError` naming the input whose shape, dtype or range does not fit."""
         cfg = self.config
+        ranges = []  # (name, tensor, upper bound): checked together, with one read back to the host
         if codes is not None:
-            _check_codes("codes", codes, tuple(cfg.shape), cfg.num_codes)
+            ranges.append(_check_indices("codes", codes, tuple(cfg.shape), cfg.num_codes))
             batch = codes.shape[0]
         if cfg.num_classes:
             if labels is None:
                 raise DataError(f"labels: this prior is class-conditional ({cfg.num_classes} classes)")
-            _check_codes("labels", labels, (), cfg.num_classes)
+            ranges.append(_check_indices("labels", labels, (), cfg.num_classes))
             if batch is not None and labels.shape[0] != batch:
                 raise DataError(f"labels: batch size {labels.shape[0]}, expected {batch}")
         elif labels is not None:
@@ -336,11 +337,12 @@ class GatedPixelCNN(nn.Module):
         if cfg.condition_num_codes:
             if condition is None:
                 raise DataError("condition: this prior needs the top-level code map")
-            _check_codes("condition", condition, tuple(cfg.condition_shape), cfg.condition_num_codes)
+            ranges.append(_check_indices("condition", condition, tuple(cfg.condition_shape), cfg.condition_num_codes))
             if batch is not None and condition.shape[0] != batch:
                 raise DataError(f"condition: batch size {condition.shape[0]}, expected {batch}")
         elif condition is not None:
             raise DataError("condition: given to a prior without conditioning stack")
+        _check_ranges(ranges)
 
     def embed_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """``[B, H, W]`` int64 → input embeddings ``[B, C, H, W]``."""
@@ -384,15 +386,29 @@ class GatedPixelCNN(nn.Module):
         return F.cross_entropy(logits.float(), codes)
 
 
-def _check_codes(name: str, t: torch.Tensor, shape: tuple[int, ...], num_codes: int) -> None:
+def _check_indices(name: str, t: torch.Tensor, shape: tuple[int, ...], num_codes: int) -> tuple[str, torch.Tensor, int]:
+    """Dtype and shape of an index tensor; returns what :func:`_check_ranges` needs."""
     if t.dtype != torch.int64:
         raise DataError(f"{name}: expected int64, got {t.dtype}")
     if t.dim() != len(shape) + 1 or tuple(t.shape[1:]) != shape:
         expected = "".join(f", {size}" for size in shape)
         raise DataError(f"{name}: expected shape [B{expected}], got {list(t.shape)}")
-    # The range check reads values back to the host: under torch.compile it would split the graph
-    # (and sync every step), so compiled training relies on the embedding lookup's own bounds check.
+    return name, t, num_codes
+
+
+def _check_ranges(checks: list[tuple[str, torch.Tensor, int]]) -> None:
+    """Every tensor's values in ``[0, bound)``, with a single read back to the host for all of them
+    (on a GPU each read makes the CPU wait for the device; the details are read only on failure)."""
+    # Under torch.compile the read would split the graph, so compiled training relies on the
+    # embedding lookup's own bounds check.
     if torch.compiler.is_compiling():
         return
-    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= num_codes):
-        raise DataError(f"{name}: values must lie in [0, {num_codes}), got [{int(t.min())}, {int(t.max())}]")
+    checks = [(name, t, bound) for name, t, bound in checks if t.numel()]
+    if not checks:
+        return
+    outside = [((t < 0) | (t >= bound)).any() for _, t, bound in checks]
+    if not torch.stack(outside).any():
+        return
+    for (name, t, bound), bad in zip(checks, outside):
+        if bad:
+            raise DataError(f"{name}: values must lie in [0, {bound}), got [{int(t.min())}, {int(t.max())}]")

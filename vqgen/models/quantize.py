@@ -138,10 +138,33 @@ class EMAQuantizer(nn.Module):
         self.register_buffer("ema_cluster_size", torch.ones(config.num_codes))
         self.register_buffer("ema_embed_sum", codebook.clone())
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        # Host copy of ``step`` for the init and restart decisions, so that a training step never
+        # waits for the device to report its step count. None: read the buffer at the next use
+        # (after construction, or after a state-dict load replaced the buffer).
+        self._host_step: int | None = None
 
     @property
     def num_codes(self) -> int:
         return self.config.num_codes
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._host_step = None
+
+    # The two decisions below read and advance a Python int. Under torch.compile they run
+    # eagerly (a graph break) rather than being traced, where every new step value would
+    # specialise the graph and force a recompile.
+    @torch.compiler.disable
+    def _steps_done(self) -> int:
+        if self._host_step is None:
+            self._host_step = int(self.step)
+        return self._host_step
+
+    @torch.compiler.disable
+    def _count_step(self) -> bool:
+        """Record one more EMA update; True when a dead-code restart is due after it."""
+        self._host_step = self._steps_done() + 1
+        return self.config.dead_code_threshold > 0 and self._host_step % self.config.restart_every == 0
 
     def forward(self, z: torch.Tensor, update: bool | None = None) -> QuantizerOutput:
         """Quantize ``z [B, D, H, W]`` to its nearest codes.
@@ -165,10 +188,13 @@ class EMAQuantizer(nn.Module):
     def _quantize(self, z: torch.Tensor, update: bool) -> QuantizerOutput:
         b, _, h, w = z.shape
         flat = rearrange(z, "b d h w -> (b h w) d")  # [N, D]
-        if update and self.config.data_init and int(self.step) == 0:
+        if update and self.config.data_init and self._steps_done() == 0:
             self._init_from_data(flat.detach())
         idx, _ = nearest_code(flat.detach(), self.codebook, backend=self.config.kernel_backend)  # [N]
-        counts = torch.bincount(idx, minlength=self.num_codes).float()  # [K], this process only
+        # A fixed-size scatter rather than bincount, whose output size depends on the data (a graph
+        # break under torch.compile). Exact in float32 up to 2^24 vectors per code.
+        ones = torch.ones(idx.shape, device=idx.device)
+        counts = torch.zeros(self.num_codes, device=idx.device).index_add_(0, idx, ones)  # [K], this process only
 
         # Look up before the EMA step: the vectors returned are the ones the search compared against.
         q = rearrange(F.embedding(idx, self.codebook), "(b h w) d -> b d h w", b=b, h=h, w=w)
@@ -203,9 +229,9 @@ class EMAQuantizer(nn.Module):
         self.ema_embed_sum.mul_(cfg.decay).add_(sums, alpha=1 - cfg.decay)
         sizes = laplace_smoothed(self.ema_cluster_size, cfg.eps)
         self.codebook.copy_(self.ema_embed_sum / sizes[:, None])
+        restart_due = self._count_step()
         self.step += 1
-
-        if cfg.dead_code_threshold > 0 and int(self.step) % cfg.restart_every == 0:
+        if restart_due:
             self._restart_dead_codes(flat)
 
     @torch.no_grad()
@@ -229,7 +255,7 @@ class EMAQuantizer(nn.Module):
         num_dead = int(dead.sum())
         if num_dead > 0:
             # Seeded from the step count so a resumed run restarts the same way.
-            picks = _pick_rows(flat, num_dead, seed=int(self.step))  # [num_dead, D]
+            picks = _pick_rows(flat, num_dead, seed=self._steps_done())  # [num_dead, D]
             # A fresh code starts at the threshold size, holding just the picked vector.
             self.codebook[dead] = picks
             self.ema_cluster_size[dead] = cfg.dead_code_threshold
