@@ -178,7 +178,7 @@ def main() -> None:
             else:
                 run_step(step, min(step.limit_s, remaining), log)
             if step.name == "ceilings" and step.figures:
-                peak = f"{step.figures['bf16_tflops']:.1f}"
+                peak = f"{step.figures['bf16_tflops']:.6g}"
                 for later in steps:
                     if later.name.startswith("train-top-prior"):
                         later.argv += ["--peak-tflops", peak]

@@ -9,6 +9,7 @@ Inception weights, so scoring new samples does not encode the real data again.
 from __future__ import annotations
 
 import json
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from vqgen.config import EvaluateStageConfig
 from vqgen.configtools import to_dict
 from vqgen.data.codes import inspect_store
 from vqgen.data.datasets import DataConfig, build_dataset, to_uint8
+from vqgen.errors import DataError
 from vqgen.manifest import StageResult, read_manifest
 from vqgen.metrics import InceptionFeatures, cached_reference_stats, reference_stats_key, score_images
 from vqgen.metrics.image import psnr
@@ -86,18 +88,40 @@ def run(cfg: EvaluateStageConfig, data: DataConfig, run_dir: Path, accelerator: 
     return StageResult({"metrics": "metrics.json", "report": "report.png"}, metrics)
 
 
+def reference_stats(cfg: EvaluateStageConfig, data: DataConfig, out_dir: Path, extractor):
+    """``(statistics, eval_set, count)`` of the real evaluation images, from the cache in
+    ``stats_cache`` (default ``out_dir/fid-stats``) when it holds them for this data and weights."""
+    eval_set = build_dataset(data, "eval")
+    num_real = min(cfg.num_real or len(eval_set), len(eval_set))
+    key = reference_stats_key(sha256_json(to_dict(data)), num_real, extractor.weights_sha256, split="eval")
+    cache_dir = Path(cfg.stats_cache) if cfg.stats_cache else out_dir / "fid-stats"
+    cache = cache_dir / f"{data.kind}-{sha256_json(key)[:16]}.safetensors"
+    stats = cached_reference_stats(
+        cache, key, lambda: real_batches(eval_set, num_real, cfg.batch_size), extractor, batch_size=cfg.batch_size, progress=True
+    )
+    return stats, eval_set, num_real
+
+
+def score_samples_file(cfg: EvaluateStageConfig, data: DataConfig, samples_path: Path, out_dir: Path, device) -> dict:
+    """FID of any samples file (uint8 ``images [N, C, H, W]``, the sample stage's format) against
+    the evaluation images of ``data``: ``vqgen fid``."""
+    if not samples_path.is_file():
+        raise DataError(f"samples file not found: {samples_path}")
+    try:
+        samples, _ = load_samples(samples_path)
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
+        raise DataError(f"cannot read samples file {samples_path}: {err}") from err
+    extractor = InceptionFeatures(cfg.inception_weights or None, device=device)
+    reference, _, num_real = reference_stats(cfg, data, out_dir, extractor)
+    fid = score_images(samples, reference, extractor, batch_size=cfg.batch_size, progress=True)
+    return {"fid": fid, "fid_num_samples": int(len(samples)), "fid_num_real": num_real}
+
+
 def evaluate(cfg: EvaluateStageConfig, data: DataConfig, run_dir: Path, device) -> dict:
     stage_dir = run_dir / DIR
     extractor = InceptionFeatures(cfg.inception_weights or None, device=device)
-    eval_set = build_dataset(data, "eval")
-    num_real = min(cfg.num_real or len(eval_set), len(eval_set))
+    reference, eval_set, num_real = reference_stats(cfg, data, run_dir.parent, extractor)
     num_recon = min(cfg.num_recon or num_real, len(eval_set))
-    key = reference_stats_key(sha256_json(to_dict(data)), num_real, extractor.weights_sha256, split="eval")
-    cache_dir = Path(cfg.stats_cache) if cfg.stats_cache else run_dir.parent / "fid-stats"
-    cache = cache_dir / f"{data.kind}-{sha256_json(key)[:16]}.safetensors"
-    reference = cached_reference_stats(
-        cache, key, lambda: real_batches(eval_set, num_real, cfg.batch_size), extractor, batch_size=cfg.batch_size, progress=True
-    )
     samples, _ = load_samples(run_dir / "samples" / "samples.npz")
     vqvae, _, _ = load_model(run_dir / "vqvae", device=device)
     originals, recons = reconstructions(vqvae, eval_set, num_recon, cfg.batch_size, device)

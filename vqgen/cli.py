@@ -4,6 +4,7 @@
     vqgen stage train-prior pipelines/demo.toml --level top [--set ...]
     vqgen config pipelines/demo.toml [--set ...]        # print the resolved config
     vqgen codes inspect runs/demo                         # counts, shapes, code usage
+    vqgen fid pipelines/cifar10.toml samples.npz [--set ...]  # FID of any samples file
 
 Multi-GPU / multi-node: the same commands under ``accelerate launch -m vqgen.cli ...``.
 """
@@ -35,6 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     with_config(stage)
     stage.add_argument("--level", choices=("top", "bottom"), help="prior level (train-prior only)")
     with_config(sub.add_parser("config", help="print the resolved config"))
+    fid = with_config(sub.add_parser("fid", help="FID of a samples file against the config's evaluation images"))
+    fid.add_argument("samples", help="a .npz with uint8 images [N, C, H, W], e.g. a run's samples/samples.npz")
     codes = sub.add_parser("codes", help="code store tools")
     codes_sub = codes.add_subparsers(dest="codes_command", required=True)
     inspect = codes_sub.add_parser("inspect", help="counts, shapes and code usage of a run's code stores")
@@ -55,6 +58,19 @@ def _inspect(run_dir: str) -> None:
         print(format_inspection(inspect_store(store)))
 
 
+def _fid(cfg, samples: str) -> None:
+    import json
+    from pathlib import Path
+
+    import torch
+
+    from vqgen.stages.evaluate import score_samples_file
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    metrics = score_samples_file(cfg.evaluate, cfg.data, Path(samples), Path(cfg.run.out_dir), device)
+    print(json.dumps(metrics))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -67,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         if args.command == "config":
             print(config_to_toml(cfg), end="")
+        elif args.command == "fid":
+            _fid(cfg, args.samples)
         elif args.command == "run":
             run_pipeline(cfg, from_stage=args.from_stage)
         else:
