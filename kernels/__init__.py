@@ -28,6 +28,21 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
 
 
+@torch.compiler.assume_constant_result
+def _fp32_matmuls_use_tf32() -> bool:
+    # torch.compile cannot trace this getter (it returns a str), so it reads it once while tracing;
+    # the compiled code stays right because dynamo re-traces when the TF32 switch changes (it is
+    # part of the global state every compiled graph is guarded on).
+    return torch.get_float32_matmul_precision() != "highest"
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot``'s ``input_precision`` for operands of ``dtype``: fp32 follows torch's fp32 matmul
+    setting (``torch.set_float32_matmul_precision``), so a kernel rounds like its PyTorch
+    reference's matmul; other dtypes ignore it."""
+    return "tf32" if dtype == torch.float32 and _fp32_matmuls_use_tf32() else "ieee"
+
+
 def use_triton(backend: Backend, x: torch.Tensor, supported: bool = True) -> bool:
     """Resolve the dispatch for an op on ``x``; ``supported``: the kernel handles these inputs."""
     if backend == "torch":
@@ -41,3 +56,20 @@ def use_triton(backend: Backend, x: torch.Tensor, supported: bool = True) -> boo
             raise ConfigError("backend", "'triton' needs CUDA tensors (or TRITON_INTERPRET=1 on a CPU)")
         return True
     raise ConfigError("backend", f"expected 'auto', 'triton' or 'torch', got {backend!r}")
+
+
+def build_triton_kernels(fn, *, configs: list, key: list[str]) -> dict[bool, object]:
+    """``{False: compiled, True: interpreted}`` Triton kernel objects for the kernel function ``fn``;
+    the compiled one autotuned over ``configs``, re-tuned when the arguments named in ``key`` change.
+
+    Both are built once, at import, from Triton's own classes rather than by ``triton.jit``: that
+    decorator picks one of the two by ``TRITON_INTERPRET`` when it runs, so decorating at import
+    would freeze the environment of the first import, and decorating at the first launch puts the
+    decorator inside code that torch.compile traces, where it reads the switch through a C function
+    and splits the graph at every kernel call.
+    """
+    import triton
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    return {False: triton.autotune(configs=configs, key=key)(JITFunction(fn)), True: InterpretedFunction(fn)}

@@ -17,12 +17,10 @@ its rows of ``pre``; programs sharing rows are scheduled together so those re-re
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from vqgen.errors import ConfigError
-from vqgen.kernels import Backend, interpreting, use_triton
+from vqgen.kernels import Backend, build_triton_kernels, dot_precision, interpreting, use_triton
 
 try:  # Triton is optional: without it every call takes the PyTorch reference.
     import triton
@@ -121,7 +119,6 @@ def _gated_residual_kernel(
     tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_ok)
 
 
-
 def _autotune_configs() -> list:
     # Small K tiles: the gate is computed in the dot operand's register layout, so a [BLOCK_M,
     # BLOCK_K] tile of pre/cond costs several registers per element. These compile for sm_90
@@ -142,25 +139,12 @@ def _autotune_configs() -> list:
     return configs
 
 
-@functools.cache
-def _compiled_kernel(interpret: bool):
-    """The kernel, jitted on first use so the interpreter switch is read at launch time.
-
-    ``triton.jit`` picks the interpreter when it decorates, so decorating at import would freeze
-    whatever the environment said when this module was first imported.
-    """
-    kernel = triton.jit(_gated_residual_kernel)
-    if interpret:
-        return kernel
-    # M (batch * map size) changes every call; the best tile depends on the channel counts.
-    return triton.autotune(configs=_autotune_configs(), key=["C", "COUT"])(kernel)
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    # Follow torch's own fp32 matmul setting so the kernel rounds like F.linear would.
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
-        return "tf32"
-    return "ieee"
+# M (batch * map size) changes every call; the best tile depends on the channel counts.
+_KERNELS = (
+    build_triton_kernels(_gated_residual_kernel, configs=_autotune_configs(), key=["C", "COUT"])
+    if triton is not None
+    else {}
+)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -223,7 +207,7 @@ def gated_residual_triton(
     def grid(args):
         return (triton.cdiv(m, args["BLOCK_M"]) * triton.cdiv(c_out, args["BLOCK_N"]),)
 
-    _compiled_kernel(interpret)[grid](
+    _KERNELS[interpret][grid](
         pre,
         cond if cond is not None else pre,  # dummies are never read: HAS_* is False
         weight,
@@ -241,7 +225,7 @@ def gated_residual_triton(
         HAS_COND=cond is not None,
         HAS_BIAS=bias is not None,
         HAS_RESIDUAL=residual is not None,
-        DOT_PRECISION=_dot_precision(pre.dtype),
+        DOT_PRECISION=dot_precision(pre.dtype),
         UPCAST_DOT=interpret,
         **meta,
     )
@@ -315,8 +299,6 @@ class _GatedResidualFunction(torch.autograd.Function):
         if need_res:
             grad_res = grad_out
         return grad_pre, grad_cond, grad_w, grad_bias, grad_res
-
-
 
 
 def gated_residual(

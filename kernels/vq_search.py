@@ -12,12 +12,10 @@ once, the codebook once per program (from L2), and writes 12 bytes per row; peak
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from vqgen.errors import ConfigError
-from vqgen.kernels import Backend, interpreting, use_triton
+from vqgen.kernels import Backend, build_triton_kernels, dot_precision, interpreting, use_triton
 
 try:  # Triton is optional: without it every call takes the PyTorch reference.
     import triton
@@ -104,7 +102,6 @@ def _nearest_code_kernel(
     tl.store(dist_ptr + rows, tl.maximum(row_min + x_sq, 0.0), mask=row_ok)
 
 
-
 def _autotune_configs() -> list:
     # The running (min, code) pair costs two [BLOCK_N, BLOCK_K] register tiles besides the
     # dot's accumulator, so tiles stay smaller than a plain matmul's.
@@ -123,21 +120,12 @@ def _autotune_configs() -> list:
     return configs
 
 
-@functools.cache
-def _compiled_kernel(interpret: bool):
-    """The kernel, jitted on first use so the interpreter switch is read at launch time."""
-    kernel = triton.jit(_nearest_code_kernel)
-    if interpret:
-        return kernel
-    # N changes with the batch; the best tile depends on the codebook shape.
-    return triton.autotune(configs=_autotune_configs(), key=["K", "D"])(kernel)
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    # Follow torch's own fp32 matmul setting so kernel and reference round alike.
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
-        return "tf32"
-    return "ieee"
+# N changes with the batch; the best tile depends on the codebook shape.
+_KERNELS = (
+    build_triton_kernels(_nearest_code_kernel, configs=_autotune_configs(), key=["K", "D"])
+    if triton is not None
+    else {}
+)
 
 
 def _check_inputs(x: torch.Tensor, codebook: torch.Tensor) -> None:
@@ -189,7 +177,7 @@ def nearest_code_triton(x: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.
     def grid(args):
         return (triton.cdiv(n, args["BLOCK_N"]),)
 
-    _compiled_kernel(interpret)[grid](
+    _KERNELS[interpret][grid](
         x,
         codebook,
         code_sq,
@@ -200,7 +188,7 @@ def nearest_code_triton(x: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.
         d,
         x.stride(0),
         codebook.stride(0),
-        DOT_PRECISION=_dot_precision(x.dtype),
+        DOT_PRECISION=dot_precision(x.dtype),
         UPCAST_DOT=interpret,
         BLOCK_D=max(16, triton.next_power_of_2(d)),
         **meta,
@@ -223,8 +211,6 @@ def nearest_code_reference(x: torch.Tensor, codebook: torch.Tensor) -> tuple[tor
     partial = torch.addmm(codebook.pow(2).sum(1)[None, :], x, codebook.t(), alpha=-2)  # [N, K]
     min_partial, indices = partial.min(dim=1)
     return indices, (min_partial + x.pow(2).sum(1)).clamp_min(0)
-
-
 
 
 def nearest_code(
