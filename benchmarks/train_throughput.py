@@ -5,9 +5,10 @@
     python benchmarks/train_throughput.py prior-top --shape 32 32 --channels 512 --layers 20 \
         --attention-every 5 --batch 32 --precision bf16
 
-Each step is a full optimizer step (forward, backward, AdamW) on random data; the first ``--warmup``
-steps are not timed. The model FLOPs of a prior step are counted as 3x the forward FLOPs of its
-convolutions, linear layers and attention products (see ``prior_flops``), for model-FLOPs use.
+Each step is a full optimizer step (forward, backward, the training stages' AdamW) on random data;
+the first ``--warmup`` steps are not timed. The model FLOPs of a prior step are counted as 3x the
+forward FLOPs of its convolutions, linear layers and attention products (see ``prior_flops``), for
+model-FLOPs use.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 
 from vqgen.models.pixelcnn import GatedPixelCNN, PriorConfig
 from vqgen.models.vqvae2 import VQVAE2, VQVAEConfig
+from vqgen.train import TrainConfig, build_optimizer
 
 
 def build(args):
@@ -107,7 +109,7 @@ def main() -> None:
     model = model.to(args.device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = build_optimizer(model, TrainConfig(lr=1e-4), torch.device(args.device))  # the training stages' own
     step_model = torch.compile(model) if args.compile else model
     inputs = make_batch()
     autocast = torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.precision == "bf16")

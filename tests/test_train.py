@@ -10,7 +10,7 @@ from vqgen.errors import CheckpointError
 from vqgen.evaluation import vqvae_loss
 from vqgen.models.vqvae2 import VQVAE2, VQVAEConfig
 from vqgen.tracking import read_metrics_csv
-from vqgen.train import TrainConfig, fit, make_accelerator
+from vqgen.train import TrainConfig, build_optimizer, fit, make_accelerator
 
 TINY = VQVAEConfig(hidden_channels=16, res_channels=8, num_res_blocks=1, num_codes=16, code_dim=8, restart_every=3)
 
@@ -102,3 +102,12 @@ def test_best_validation_weights_are_kept_across_a_resume(tmp_path):
     assert not torch.equal(model.state_dict()["decoder.0.weight"], snapshots[4]["decoder.0.weight"])
     best_weights(model, state, tmp_path)
     assert torch.equal(model.state_dict()["decoder.0.weight"], snapshots[4]["decoder.0.weight"])
+
+
+def test_optimizer_is_fused_on_a_gpu_only():
+    model = torch.nn.Linear(4, 4)
+    cfg = TrainConfig(lr=2e-4, betas=(0.8, 0.9), weight_decay=0.05)
+    gpu, cpu = (build_optimizer(model, cfg, torch.device(d)) for d in ("cuda", "cpu"))
+    assert gpu.defaults["fused"] and not cpu.defaults["fused"]
+    for optimizer in (gpu, cpu):
+        assert (optimizer.defaults["lr"], optimizer.defaults["betas"], optimizer.defaults["weight_decay"]) == (2e-4, (0.8, 0.9), 0.05)
