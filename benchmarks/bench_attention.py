@@ -55,7 +55,8 @@ def main() -> None:
     compiled = harness.compile(strictly_causal_attention_reference)
     fused = None
     for batch in harness.shapes(BATCHES, QUICK_BATCHES, SMOKE_BATCHES):
-        q, k, v = (torch.randn(batch, heads, length, dim, device=harness.device, dtype=torch.bfloat16) for _ in range(3))
+        shape = (batch, heads, length, dim)
+        q, k, v = (torch.randn(shape, device=harness.device, dtype=torch.bfloat16) for _ in range(3))
         start_k, start_v = (torch.randn(heads, dim, device=harness.device, dtype=torch.bfloat16) for _ in range(2))
         fused = fused_attention_backend(q, k, v) if harness.device == "cuda" else None
         providers = {

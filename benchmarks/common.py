@@ -37,7 +37,9 @@ def require_gpu(script: str) -> None:
         sys.exit(f"{script}: needs Triton (pip install triton); nothing was measured.")
 
 
-def parse_args(description: str, argv: Sequence[str] | None = None, flags: dict[str, str] | None = None) -> argparse.Namespace:
+def parse_args(
+    description: str, argv: Sequence[str] | None = None, flags: dict[str, str] | None = None
+) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=description)
     for flag, help_text in (flags or {}).items():
         parser.add_argument(flag, action="store_true", help=help_text)

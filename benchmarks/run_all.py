@@ -81,7 +81,8 @@ def plan(smoke: bool, full: bool, results: Path) -> list[Step]:
              gpu_only=True),
         Step("ceilings", script("ceilings.py", "--json", *out, *(["--smoke"] if smoke else [])), 60),
     ]
-    steps += [Step(name.removesuffix(".py"), script(name, *out, *shapes), 900 if full else 180) for name in KERNEL_SCRIPTS]
+    limit = 900 if full else 180
+    steps += [Step(name.removesuffix(".py"), script(name, *out, *shapes), limit) for name in KERNEL_SCRIPTS]
 
     prior = TOY_TOP_PRIOR if smoke else TOP_PRIOR
     steps.append(Step("train-top-prior", script("train_throughput.py", *prior), 180))
@@ -99,8 +100,9 @@ def plan(smoke: bool, full: bool, results: Path) -> list[Step]:
     steps.append(Step("train-vqvae-32", script("train_throughput.py", *vqvae), 120))
     if not smoke:
         steps.append(Step("train-vqvae-32-compiled", script("train_throughput.py", *vqvae, "--compile"), 300))
-        steps.append(Step("train-vqvae-256", script("train_throughput.py", "vqvae", "--size", "256", "--batch", "32",
-                                                   "--res-channels", "64", "--precision", "bf16", "--channels-last"), 120))
+        vqvae_256 = ["vqvae", "--size", "256", "--batch", "32", "--res-channels", "64", "--precision", "bf16",
+                     "--channels-last"]
+        steps.append(Step("train-vqvae-256", script("train_throughput.py", *vqvae_256), 120))
     return steps
 
 
@@ -149,7 +151,8 @@ def write_summary(steps: list[Step], results: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--results", required=True, type=Path, help="folder for kernels.md, results.jsonl, summary.md, run.log")
+    p.add_argument("--results", required=True, type=Path,
+                   help="folder for kernels.md, results.jsonl, summary.md and run.log")
     p.add_argument("--budget-min", type=float, default=9.0, help="no step starts after this many minutes")
     p.add_argument("--full", action="store_true", help="every shape, torch.compile in max-autotune mode")
     p.add_argument("--smoke", action="store_true", help="the plan at toy sizes on any device: checks this script")

@@ -109,7 +109,8 @@ def test_pipeline_end_to_end_with_kill_and_resume(tmp_path, shared_data):
     metrics = json.loads((run / "eval" / "metrics.json").read_text())
     assert metrics["fid"] > 0 and metrics["fid_num_samples"] == 6
     # Scoring the samples file alone gives the evaluate stage's FID (same cached reference statistics).
-    scored = json.loads(finish(vqgen("fid", str(config), str(run / "samples" / "samples.npz"), cwd=tmp_path)).splitlines()[-1])
+    scored = finish(vqgen("fid", str(config), str(run / "samples" / "samples.npz"), cwd=tmp_path))
+    scored = json.loads(scored.splitlines()[-1])
     assert scored == {"fid": pytest.approx(metrics["fid"], rel=1e-6), "fid_num_samples": 6, "fid_num_real": 16}
     for picture in ("vqvae/recon.png", "prior-top/samples.png", "samples/grid.png", "eval/report.png"):
         assert (run / picture).stat().st_size > 0

@@ -110,4 +110,5 @@ def test_optimizer_is_fused_on_a_gpu_only():
     gpu, cpu = (build_optimizer(model, cfg, torch.device(d)) for d in ("cuda", "cpu"))
     assert gpu.defaults["fused"] and not cpu.defaults["fused"]
     for optimizer in (gpu, cpu):
-        assert (optimizer.defaults["lr"], optimizer.defaults["betas"], optimizer.defaults["weight_decay"]) == (2e-4, (0.8, 0.9), 0.05)
+        settings = {k: optimizer.defaults[k] for k in ("lr", "betas", "weight_decay")}
+        assert settings == {"lr": 2e-4, "betas": (0.8, 0.9), "weight_decay": 0.05}

@@ -386,7 +386,9 @@ class GatedPixelCNN(nn.Module):
         return F.cross_entropy(logits.float(), codes)
 
 
-def _check_indices(name: str, t: torch.Tensor, shape: tuple[int, ...], num_codes: int) -> tuple[str, torch.Tensor, int]:
+def _check_indices(
+    name: str, t: torch.Tensor, shape: tuple[int, ...], num_codes: int
+) -> tuple[str, torch.Tensor, int]:
     """Dtype and shape of an index tensor; returns what :func:`_check_ranges` needs."""
     if t.dtype != torch.int64:
         raise DataError(f"{name}: expected int64, got {t.dtype}")

@@ -119,7 +119,8 @@ class EMAQuantizer(nn.Module):
 
     Buffers (all in the state dict, all fp32 except the step counter):
         ``codebook [K, D]``, ``ema_cluster_size [K]``, ``ema_embed_sum [K, D]``, ``step []`` (int64,
-        number of EMA updates so far; it schedules restarts, so they resume exactly).
+        number of EMA updates so far; it schedules restarts, so they resume exactly). ``step`` is
+        mirrored on the host for those decisions: set it through ``load_state_dict``.
 
     Example:
         >>> vq = EMAQuantizer(QuantizerConfig(num_codes=16, code_dim=4))
