@@ -5,9 +5,11 @@
 
 Each step is a subprocess with its own time limit. A step that fails or runs out of time is
 recorded and the run goes on; once the budget is spent, the steps left are listed as not run.
-Order: the CUDA-only tests, the measured ceilings, the three kernel benchmarks, the top prior's
-model-FLOPs utilisation, cached sampling at the 256x256 latent sizes and at batch 1 / 64 / 512
-(with and without CUDA graphs), then training throughput with ``torch.compile`` and the VQ-VAE's.
+Order: the CUDA-only tests, the measured ceilings, the three kernel benchmarks, training
+throughput of the paper-scale top prior (its model-FLOPs utilisation) and of the CIFAR-10 bottom
+prior with the fused kernels and with the PyTorch references, cached sampling at the 256x256
+latent sizes and at batch 1 / 64 / 512 (with and without CUDA graphs), then training with
+``torch.compile`` and the VQ-VAE's throughput.
 
 Writes into DIR (at most four files):
 - ``kernels.md``: the kernel benchmarks' tables, under the GPU model, the date and the versions;
@@ -39,7 +41,10 @@ ROOT = BENCHMARKS.parent
 KERNEL_SCRIPTS = ["bench_vq_search.py", "bench_gated.py", "bench_attention.py"]
 # The paper-scale top prior (32x32 codes, 512 channels, 20 layers, attention every 5th).
 TOP_PRIOR = ["prior-top", "--shape", "32", "32", "--channels", "512", "--layers", "20", "--attention-every", "5",
-             "--batch", "32", "--precision", "bf16"]
+             "--batch", "32", "--precision", "bf16", "--channels-last"]
+# The CIFAR-10 bottom prior's training (pipelines/cifar10.toml): 8x8 codes, 256 channels, batch 128.
+CIFAR_BOTTOM_PRIOR = ["prior-bottom", "--shape", "8", "8", "--channels", "256", "--layers", "20", "--cond-blocks", "10",
+                      "--batch", "128", "--precision", "bf16", "--channels-last"]
 TOY_TOP_PRIOR = ["prior-top", "--shape", "4", "4", "--channels", "16", "--layers", "2", "--attention-every", "1",
                  "--heads", "2", "--codes", "32", "--batch", "2", "--steps", "2", "--warmup", "1"]
 # Both levels of a 256x256 sample (pipelines/imagenet256.toml): 32x32 top codes, then 64x64 bottom
@@ -84,8 +89,16 @@ def plan(smoke: bool, full: bool, results: Path) -> list[Step]:
     limit = 900 if full else 180
     steps += [Step(name.removesuffix(".py"), script(name, *out, *shapes), limit) for name in KERNEL_SCRIPTS]
 
+    def train(name: str, *args: str, limit: int = 180) -> None:
+        steps.append(Step(name, script("train_throughput.py", *args), limit))
+
+    # Training throughput with the fused kernels and with the PyTorch references, eager.
     prior = TOY_TOP_PRIOR if smoke else TOP_PRIOR
-    steps.append(Step("train-top-prior", script("train_throughput.py", *prior), 180))
+    train("train-top-prior", *prior)
+    train("train-top-prior-torch-kernels", *prior, "--backend", "torch")
+    if not smoke:
+        train("train-cifar-bottom-prior", *CIFAR_BOTTOM_PRIOR, limit=120)
+        train("train-cifar-bottom-prior-torch-kernels", *CIFAR_BOTTOM_PRIOR, "--backend", "torch", limit=120)
     if smoke:
         sampling = [("sample-toy-b2", [*TOY_SAMPLING, "--batch", "2"])]
     else:
@@ -95,14 +108,14 @@ def plan(smoke: bool, full: bool, results: Path) -> list[Step]:
     steps += [Step(name, script("sampling_speed.py", *args, *graphs), 240) for name, args in sampling]
 
     if not smoke:  # inductor on a CPU would spend the smoke run compiling C++
-        steps.append(Step("train-top-prior-compiled", script("train_throughput.py", *prior, "--compile"), 300))
+        train("train-top-prior-compiled", *prior, "--compile", limit=300)
     vqvae = TOY_VQVAE if smoke else VQVAE_32
-    steps.append(Step("train-vqvae-32", script("train_throughput.py", *vqvae), 120))
+    train("train-vqvae-32", *vqvae, limit=120)
+    train("train-vqvae-32-torch-kernels", *vqvae, "--backend", "torch", limit=120)
     if not smoke:
-        steps.append(Step("train-vqvae-32-compiled", script("train_throughput.py", *vqvae, "--compile"), 300))
-        vqvae_256 = ["vqvae", "--size", "256", "--batch", "32", "--res-channels", "64", "--precision", "bf16",
-                     "--channels-last"]
-        steps.append(Step("train-vqvae-256", script("train_throughput.py", *vqvae_256), 120))
+        train("train-vqvae-32-compiled", *vqvae, "--compile", limit=300)
+        train("train-vqvae-256", "vqvae", "--size", "256", "--batch", "32", "--res-channels", "64",
+              "--precision", "bf16", "--channels-last", limit=120)
     return steps
 
 
@@ -185,7 +198,7 @@ def main() -> None:
                 for later in steps:
                     if later.name.startswith("train-top-prior"):
                         later.argv += ["--peak-tflops", peak]
-            print(f"{step.name:28s} {step.status:24s} {step.seconds:7.1f} s", flush=True)
+            print(f"{step.name:40s} {step.status:24s} {step.seconds:7.1f} s", flush=True)
             write_summary(steps, args.results)  # after every step: a run cut short keeps what it measured
     failed = [s.name for s in steps if s.status not in ("ok", "not run: budget spent", "skipped: needs a GPU")]
     if failed:

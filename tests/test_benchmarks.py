@@ -36,7 +36,8 @@ def test_run_all_smoke_runs_every_script(tmp_path):
     status = {cells[1].strip(): cells[2].strip() for cells in (line.split("|") for line in summary.splitlines()[2:])}
     assert status.pop("cuda-tests") in ("ok", "skipped: needs a GPU")
     assert set(status) >= {"ceilings", "bench_gated", "bench_vq_search", "bench_attention", "train-top-prior",
-                           "sample-toy-b2", "train-vqvae-32"}
+                           "train-top-prior-torch-kernels", "sample-toy-b2", "train-vqvae-32",
+                           "train-vqvae-32-torch-kernels"}
     assert set(status.values()) == {"ok"}, summary
     figures = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     by_step = {f["step"]: f for f in figures}
@@ -49,7 +50,7 @@ def test_run_all_stops_starting_steps_when_the_budget_is_spent(tmp_path):
     result = run_script("run_all.py", "--smoke", "--results", str(tmp_path), "--budget-min", "0")
     assert result.returncode == 0, result.stderr
     summary = (tmp_path / "summary.md").read_text()
-    assert summary.count("not run: budget spent") >= 7
+    assert summary.count("not run: budget spent") >= 9
 
 
 def test_smoke_run_writes_no_results():
