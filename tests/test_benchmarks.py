@@ -27,10 +27,9 @@ def test_run_all_smoke_runs_every_script(tmp_path):
     result = run_script("run_all.py", "--smoke", "--results", str(tmp_path))
     assert result.returncode == 0, result.stdout + result.stderr
     log = (tmp_path / "run.log").read_text()
-    titles = [line for line in log.splitlines() if line.endswith("[smoke run on cpu: single calls, not measurements]")
-              or line.endswith("[smoke run on cuda: single calls, not measurements]")]
-    assert [t.split(",")[0].split(" [")[0] for t in titles] == ["nearest_code", "gated_residual forward",
-                                                                "strictly causal attention"]
+    tables = [line.split(" [smoke run on")[0].split(",")[0] for line in log.splitlines()
+              if line.endswith("single calls, not measurements]")]
+    assert tables == ["nearest_code", "gated_residual forward", "strictly causal attention"]
     assert "WARNING" not in log and "OOM" not in log
     summary = (tmp_path / "summary.md").read_text()
     status = {cells[1].strip(): cells[2].strip() for cells in (line.split("|") for line in summary.splitlines()[2:])}
@@ -51,6 +50,30 @@ def test_run_all_stops_starting_steps_when_the_budget_is_spent(tmp_path):
     assert result.returncode == 0, result.stderr
     summary = (tmp_path / "summary.md").read_text()
     assert summary.count("not run: budget spent") >= 9
+
+
+FIGURES_THEN_A_WARNING = "import json; print(json.dumps({'images_per_sec': 12.5})); print('a warning')"
+
+
+def test_run_all_records_failed_and_stopped_steps(monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import run_all
+
+    steps = [
+        run_all.Step("fails", ["-c", "import sys; print('partial'); sys.exit(3)"], 60),
+        run_all.Step("too-slow", ["-c", "import time; time.sleep(30)"], 60),
+        run_all.Step("figures", ["-c", FIGURES_THEN_A_WARNING], 60),
+    ]
+    with open(tmp_path / "run.log", "w") as log:
+        run_all.run_step(steps[0], 60, log)
+        run_all.run_step(steps[1], 1, log)
+        run_all.run_step(steps[2], 60, log)
+    assert [s.status for s in steps] == ["exit 3", "stopped at 1 s", "ok"]
+    assert steps[2].figures == {"images_per_sec": 12.5}
+    run_all.write_summary(steps, tmp_path)
+    assert "| fails | exit 3 |" in (tmp_path / "summary.md").read_text()
+    assert "partial" in (tmp_path / "run.log").read_text()
+    assert json.loads((tmp_path / "results.jsonl").read_text()) == {"step": "figures", "images_per_sec": 12.5}
 
 
 def test_smoke_run_writes_no_results():
