@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ceilings import measure_ceilings
-from common import Harness, Table, append_markdown, fmt, max_abs_diff, speedup
+from common import Harness, Table, append_markdown, fmt, speedup
 
 HEADS, LENGTH, DIM = 8, 32 * 32, 64
 BATCHES = [32, 64, 128]
@@ -69,10 +69,7 @@ def main() -> None:
         timings = harness.bench_all(providers)
         flops = 4 * batch * heads * length * length * dim / 2
         for name, timing in timings.items():
-            diff = None
-            if outputs[name] is not None and outputs["eager"] is not None:
-                diff = max_abs_diff(outputs[name], outputs["eager"])
-                harness.check(f"{name}, B {batch}", diff <= TOLERANCE, f"differs from eager by {diff:.3g}")
+            diff = harness.diff_from_eager(f"{name}, B {batch}", outputs, name, TOLERANCE)
             tflops = flops / (timing.median * 1e-3) / 1e12 if timing else None
             pct = 100 * tflops / ceilings.bf16_tflops if tflops else None
             row = [batch, name, fmt(timing, ""), fmt(tflops), fmt(pct)]

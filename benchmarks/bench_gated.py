@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from ceilings import measure_ceilings
-from common import Harness, Table, append_markdown, fmt, fp32_matmul_precision, max_abs_diff, speedup
+from common import Harness, Table, append_markdown, fmt, fp32_matmul_precision, speedup
 
 # (batch, map side, channels): top-prior-like small maps with wide layers, bottom-prior-like large maps.
 SHAPES = [
@@ -77,11 +77,8 @@ def main() -> None:
                 timings = harness.bench_all(providers)
                 label = str(dtype).removeprefix("torch.")
                 for name, timing in timings.items():
-                    diff = None
-                    if outputs[name] is not None and outputs["eager"] is not None:
-                        diff = max_abs_diff(outputs[name], outputs["eager"])
-                        harness.check(f"{name}, B {batch}, {side}x{side}, C {c}, {label}", diff <= TOLERANCE[dtype],
-                                      f"differs from eager by {diff:.3g}")
+                    what = f"{name}, B {batch}, {side}x{side}, C {c}, {label}"
+                    diff = harness.diff_from_eager(what, outputs, name, TOLERANCE[dtype])
                     seconds = timing.median * 1e-3 if timing else None
                     gbs = _fused_bytes(m, c, dtype) / seconds / 1e9 if seconds else None
                     tflops = 2 * m * c * c / seconds / 1e12 if seconds else None

@@ -73,11 +73,23 @@ class Harness:
     """Where and how a benchmark script runs: on the GPU and timed, or as a smoke check."""
 
     device: str
-    smoke: bool
-    quick: bool
-    compile_mode: str
-    out: str | None
-    args: argparse.Namespace
+    args: argparse.Namespace  # the parsed command line: --smoke, --quick, --compile-mode, --out, the script's flags
+
+    @property
+    def smoke(self) -> bool:
+        return self.args.smoke
+
+    @property
+    def quick(self) -> bool:
+        return self.args.quick
+
+    @property
+    def compile_mode(self) -> str:
+        return self.args.compile_mode
+
+    @property
+    def out(self) -> str | None:
+        return self.args.out
 
     @classmethod
     def start(cls, script: str, description: str, argv: Sequence[str] | None = None,
@@ -87,14 +99,14 @@ class Harness:
         args = parse_args(description, argv, flags)
         if not args.smoke:
             require_gpu(script)
-            return cls("cuda", False, args.quick, args.compile_mode, args.out, args)
+            return cls("cuda", args)
         if args.out:
             sys.exit(f"{script}: --smoke measures nothing, so it writes no --out file.")
         device = "cuda" if torch.cuda.is_available() else "cpu"
         if device == "cpu":
             # Read by Triton when a kernel launches; set before the kernels' modules are imported.
             os.environ["TRITON_INTERPRET"] = "1"
-        return cls(device, True, args.quick, args.compile_mode, None, args)
+        return cls(device, args)
 
     def shapes(self, full: list, quick: list, smoke: list) -> list:
         """The shape list this run covers."""
@@ -170,6 +182,15 @@ class Harness:
         if self.smoke and self.device == "cpu":
             return torch.compile(fn, backend="aot_eager", dynamic=False)
         return torch.compile(fn, mode=self.compile_mode, dynamic=False)
+
+    def diff_from_eager(self, what: str, outputs: dict, name: str, tolerance: float) -> float | None:
+        """Provider ``name``'s largest absolute difference from eager's output (None if either ran
+        out of memory), checked against ``tolerance``."""
+        if outputs[name] is None or outputs["eager"] is None:
+            return None
+        diff = max_abs_diff(outputs[name], outputs["eager"])
+        self.check(what, diff <= tolerance, f"differs from eager by {diff:.3g}")
+        return diff
 
     def check(self, what: str, ok: bool, detail: str) -> None:
         """A provider that disagrees with eager fails a smoke run and is flagged in a timed one."""

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from test_sampling import BOTTOM, TOP, build
+from test_vqvae2 import TINY
 from vqgen.models.vqvae2 import VQVAE2, VQVAEConfig
 
 
@@ -45,7 +46,7 @@ def test_prior_compiles_to_one_graph_with_eager_results(settings):
 
 def test_vqvae_trains_the_same_compiled_and_eager():
     torch.manual_seed(0)
-    eager = VQVAE2(VQVAEConfig(hidden_channels=16, res_channels=8, num_res_blocks=1, num_codes=32, code_dim=8))
+    eager = VQVAE2(VQVAEConfig(**TINY))
     other = copy.deepcopy(eager)
     compiled = torch.compile(other, backend="aot_eager")
     optimizers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (eager, other)]
@@ -107,7 +108,7 @@ def test_prior_with_fused_kernels_traces_to_one_graph(traced_as_on_a_gpu, dtype)
 
 
 def test_vqvae_with_fused_search_breaks_only_at_the_codebook_decisions(traced_as_on_a_gpu):
-    model = VQVAE2(VQVAEConfig(hidden_channels=16, res_channels=8, num_res_blocks=1, num_codes=32, code_dim=8)).train()
+    model = VQVAE2(VQVAEConfig(**TINY)).train()
     for quantizer in (model.quantizer_top, model.quantizer_bottom):
         quantizer._host_step = 1  # past the first step (its count cannot be read from a fake tensor)
     images = torch.rand(2, 3, 32, 32)
