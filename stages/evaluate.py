@@ -17,24 +17,20 @@ import torch
 from accelerate import Accelerator
 
 from vqgen.config import EvaluateStageConfig
-from vqgen.configtools import to_dict
+from vqgen.configtools import split_by_role
 from vqgen.data.codes import inspect_store
 from vqgen.data.datasets import DataConfig, build_dataset, to_uint8
+from vqgen.data.samples import load_samples
 from vqgen.errors import DataError
 from vqgen.manifest import StageResult, read_manifest
 from vqgen.metrics import InceptionFeatures, cached_reference_stats, reference_stats_key, score_images
 from vqgen.metrics.image import psnr
 from vqgen.models.export import load_model
 from vqgen.pictures import draw_curves, image_grid, save_png, stack_panels
-from vqgen.stages.sample import load_samples
 from vqgen.tracking import read_metrics_csv
 from vqgen.utils import atomic_write_json, sha256_json
 
 DIR = "eval"
-
-
-def config_hash(cfg: EvaluateStageConfig, data: DataConfig) -> str:
-    return sha256_json({"evaluate": to_dict(cfg), "data": to_dict(data)})
 
 
 def real_batches(dataset, count: int, batch_size: int):
@@ -85,7 +81,7 @@ def run(cfg: EvaluateStageConfig, data: DataConfig, run_dir: Path, accelerator: 
     if accelerator.is_main_process:  # FID is computed on one process; the others wait
         metrics = evaluate(cfg, data, run_dir, accelerator.device)
     accelerator.wait_for_everyone()
-    return StageResult({"metrics": "metrics.json", "report": "report.png"}, metrics)
+    return StageResult({"metrics": "metrics.json", "report": "report.png"}, metrics, files=("metrics.json",))
 
 
 def reference_stats(cfg: EvaluateStageConfig, data: DataConfig, out_dir: Path, extractor):
@@ -93,7 +89,7 @@ def reference_stats(cfg: EvaluateStageConfig, data: DataConfig, out_dir: Path, e
     ``stats_cache`` (default ``out_dir/fid-stats``) when it holds them for this data and weights."""
     eval_set = build_dataset(data, "eval")
     num_real = min(cfg.num_real or len(eval_set), len(eval_set))
-    key = reference_stats_key(sha256_json(to_dict(data)), num_real, extractor.weights_sha256, split="eval")
+    key = reference_stats_key(sha256_json(split_by_role(data)[0]), num_real, extractor.weights_sha256, split="eval")
     cache_dir = Path(cfg.stats_cache) if cfg.stats_cache else out_dir / "fid-stats"
     cache = cache_dir / f"{data.kind}-{sha256_json(key)[:16]}.safetensors"
     stats = cached_reference_stats(

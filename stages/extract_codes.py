@@ -3,7 +3,10 @@
 Writes ``codes/codes.lmdb`` (training split), ``codes/eval.lmdb`` (evaluation split, if configured)
 and ``codes/manifest.json`` last. Each process encodes its own shard (no padding, so no image is
 written twice); an interrupted extraction resumes by skipping the records already written, and a
-store whose metadata is not marked complete is never read as finished.
+store whose metadata is not marked complete is never read as finished. A store's metadata names
+the VQ-VAE export and the data config its codes came from: a store of another model or other data
+is never resumed, and a complete one of the same is left untouched (not even reopened for writing,
+so its bytes, and with them the priors that read it, stay current).
 """
 
 from __future__ import annotations
@@ -17,9 +20,9 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from vqgen.config import CodesStageConfig
-from vqgen.configtools import to_dict
-from vqgen.data.codes import CodeLevel, CodeStoreWriter, inspect_store, make_meta, read_store_meta
-from vqgen.data.datasets import DataConfig, build_dataset
+from vqgen.configtools import split_by_role
+from vqgen.data.codes import CodeLevel, CodeStoreWriter, inspect_store, make_meta, read_store_meta, store_checksum
+from vqgen.data.datasets import DataConfig, build_dataset, skipped_files_report
 from vqgen.distributed import shard_indices
 from vqgen.manifest import StageResult
 from vqgen.models.export import load_model
@@ -28,31 +31,34 @@ from vqgen.utils import sha256_json
 DIR = "codes"
 
 
-def config_hash(cfg: CodesStageConfig, data: DataConfig) -> str:
-    return sha256_json({"codes": to_dict(cfg), "data": to_dict(data)})
+SAME_SOURCE = ("source_checksum", "data_sha256", "levels", "count", "num_classes")
+"""Metadata that must match for a store's records to be this extraction's."""
 
 
-def store_meta(model, image_size: int, num_classes: int, checksum: str, count: int) -> dict:
+def store_meta(model, data: DataConfig, split: str, num_classes: int, checksum: str, count: int) -> dict:
     levels = [CodeLevel(level, tuple(shape), model.config.level_num_codes(level))
-              for level, shape in zip(("top", "bottom"), model.latent_shapes(image_size))]
-    return make_meta(levels, num_classes=num_classes, source_checksum=checksum, count=count)
+              for level, shape in zip(("top", "bottom"), model.latent_shapes(data.image_size))]
+    meta = make_meta(levels, num_classes=num_classes, source_checksum=checksum, count=count)
+    meta["data_sha256"] = sha256_json({"data": split_by_role(data)[0], "split": split})
+    return meta
 
 
-def _resumable(existing: dict | None, meta: dict) -> bool:
-    """A partial store can be completed only if it holds codes of this model for this dataset."""
-    same = ("source_checksum", "levels", "count", "num_classes")
-    return existing is None or all(existing.get(k) == meta[k] for k in same)
+def _same_source(existing: dict | None, meta: dict) -> bool:
+    return existing is not None and all(existing.get(k) == meta[k] for k in SAME_SOURCE)
 
 
 @torch.no_grad()
 def extract_split(model, dataset, path: Path, meta: dict, cfg: CodesStageConfig, accelerator: Accelerator) -> tuple[int, float]:
     """Encode ``dataset`` into the store at ``path``; return this process's image count and rate."""
-    if not _resumable(read_store_meta(path), meta):
+    existing = read_store_meta(path)
+    accelerator.wait_for_everyone()  # every process has read the metadata before anyone changes it
+    if _same_source(existing, meta) and existing["complete"]:
+        return 0, 0.0
+    if existing is not None and not _same_source(existing, meta):
         # Codes of another VQ-VAE or another dataset: they cannot be resumed, start over.
-        accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             shutil.rmtree(path)
-    accelerator.wait_for_everyone()
+        accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         with CodeStoreWriter(path, commit_every=cfg.commit_every) as writer:
             writer.write_meta(meta, complete=False)
@@ -89,14 +95,20 @@ def run(cfg: CodesStageConfig, data: DataConfig, run_dir: Path, accelerator: Acc
     metrics, outputs = {}, {}
     for split, name in splits:
         dataset = build_dataset(data, split)
-        meta = store_meta(model, data.image_size, dataset.num_classes, checksum, len(dataset))
+        skipped, lines = skipped_files_report(**{split: dataset})
+        for line in lines:
+            accelerator.print(f"[vqgen] {line}")
+        metrics.update(skipped)
+        meta = store_meta(model, data, split, dataset.num_classes, checksum, len(dataset))
         done, rate = extract_split(model, dataset, stage_dir / name, meta, cfg, accelerator)
         metrics[f"{split}_images_per_sec"] = accelerator.reduce(torch.tensor(rate, device=accelerator.device), "sum").item()
         metrics[f"{split}_images_per_process"] = accelerator.gather(torch.tensor([done], device=accelerator.device)).tolist()
         outputs[split] = {"store": name, "count": len(dataset)}
+    content = {}
     if accelerator.is_main_process:
         for split, name in splits:
             info = inspect_store(stage_dir / name)
             metrics[f"{split}_usage"] = {lvl["name"]: lvl["usage_fraction"] for lvl in info["levels"]}
+            content[f"{name}/data.mdb"] = store_checksum(stage_dir / name)
     outputs["vqvae_sha256"] = checksum
-    return StageResult(outputs, metrics)
+    return StageResult(outputs, metrics, files=tuple(content), content=content)

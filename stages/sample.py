@@ -10,7 +10,7 @@ labels) and ``samples/grid.png``.
 
 from __future__ import annotations
 
-import io
+import hashlib
 import shutil
 import time
 from pathlib import Path
@@ -21,11 +21,12 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from vqgen.config import SampleStageConfig
-from vqgen.configtools import to_dict
+from vqgen.configtools import split_by_role
 from vqgen.distributed import shard_indices
 from vqgen.manifest import StageResult
 from vqgen.models.export import load_model, read_export_info
 from vqgen.data.datasets import to_uint8
+from vqgen.data.samples import load_samples, save_samples
 from vqgen.pictures import save_grid
 from vqgen.sampling import sample
 from vqgen.utils import atomic_write_bytes, sha256_json
@@ -33,14 +34,10 @@ from vqgen.utils import atomic_write_bytes, sha256_json
 DIR = "samples"
 
 
-def config_hash(cfg: SampleStageConfig) -> str:
-    return sha256_json({"sample": to_dict(cfg)})
-
-
-def _save_npz(path: Path, **arrays) -> None:
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    atomic_write_bytes(path, buffer.getvalue())
+def parts_key(cfg: SampleStageConfig) -> str:
+    """What fixes the images of every batch: the defining settings (not ``cached``, ``cuda_graphs``
+    or the grid, which give the same codes)."""
+    return sha256_json({"sample": split_by_role(cfg)[0]})
 
 
 def _models_key(run_dir: Path) -> str:
@@ -54,12 +51,6 @@ def _reset_parts_if_stale(parts: Path, key: str) -> None:
         shutil.rmtree(parts)
     parts.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(stamp, key.encode())
-
-
-def load_samples(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """``(images uint8 [N, C, H, W], labels int64 [N])`` of a samples file (no pickle)."""
-    with np.load(path, allow_pickle=False) as data:
-        return data["images"], data["labels"]
 
 
 @torch.no_grad()
@@ -86,7 +77,7 @@ def run(cfg: SampleStageConfig, run_dir: Path, accelerator: Accelerator) -> Stag
     stage_dir = run_dir / DIR
     parts = stage_dir / "parts"
     if accelerator.is_main_process:
-        _reset_parts_if_stale(parts, config_hash(cfg) + _models_key(run_dir))
+        _reset_parts_if_stale(parts, parts_key(cfg) + _models_key(run_dir))
     accelerator.wait_for_everyone()
     device = accelerator.device
     models = tuple(load_model(run_dir / d, device=device)[0] for d in ("vqvae", "prior-top", "prior-bottom"))
@@ -97,7 +88,7 @@ def run(cfg: SampleStageConfig, run_dir: Path, accelerator: Accelerator) -> Stag
     for b in tqdm(todo, desc="sample batches", disable=not accelerator.is_main_process):
         n = min(cfg.batch_size, cfg.num_samples - b * cfg.batch_size)
         images, labels = sample_batch(cfg, models, b, n, device, progress=accelerator.is_main_process)
-        _save_npz(parts / f"batch-{b:06d}.npz", images=images.numpy(), labels=labels.numpy())
+        save_samples(parts / f"batch-{b:06d}.npz", images.numpy(), labels.numpy())
         made += n
     rate = made / max(time.perf_counter() - start, 1e-9)
     metrics = {
@@ -105,10 +96,14 @@ def run(cfg: SampleStageConfig, run_dir: Path, accelerator: Accelerator) -> Stag
         "samples_per_process": accelerator.gather(torch.tensor([made], device=device)).tolist(),
     }
     accelerator.wait_for_everyone()
+    content = {}
     if accelerator.is_main_process:
         batches = [load_samples(parts / f"batch-{b:06d}.npz") for b in range(num_batches)]
         images = np.concatenate([imgs for imgs, _ in batches])
         labels = np.concatenate([labs for _, labs in batches])
-        _save_npz(stage_dir / "samples.npz", images=images, labels=labels)
+        save_samples(stage_dir / "samples.npz", images, labels)
         save_grid(torch.from_numpy(images[: cfg.grid_size]), stage_dir / "grid.png")
-    return StageResult({"samples": "samples.npz", "grid": "grid.png", "count": cfg.num_samples}, metrics)
+        # The zip's timestamps differ between writes of the same arrays: fingerprint the arrays.
+        content["samples.npz"] = hashlib.sha256(repr(images.shape).encode() + images.tobytes() + labels.tobytes()).hexdigest()
+    return StageResult({"samples": "samples.npz", "grid": "grid.png", "count": cfg.num_samples}, metrics,
+                       files=("samples.npz",), content=content)

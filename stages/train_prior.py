@@ -21,7 +21,6 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader
 
 from vqgen.config import PriorStageConfig
-from vqgen.configtools import to_dict
 from vqgen.data.codes import CodeDataset
 from vqgen.distributed import shard_loader
 from vqgen.errors import ConfigError
@@ -32,17 +31,12 @@ from vqgen.models.pixelcnn import GatedPixelCNN, PriorConfig
 from vqgen.pictures import save_grid
 from vqgen.sampling import SamplerConfig, sample
 from vqgen.train import best_weights, fit
-from vqgen.utils import sha256_json
 
 Level = Literal["top", "bottom"]
 
 
 def stage_dir_name(level: Level) -> str:
     return f"prior-{level}"
-
-
-def config_hash(cfg: PriorStageConfig, level: Level) -> str:
-    return sha256_json({"level": level, "prior": to_dict(cfg)})
 
 
 def resolve_model_config(cfg: PriorStageConfig, store: CodeDataset, level: Level) -> PriorConfig:
@@ -113,5 +107,7 @@ def run(cfg: PriorStageConfig, level: Level, run_dir: Path, accelerator: Acceler
     model = best_weights(accelerator.unwrap_model(model), state, stage_dir)
     bpd = prior_bits_per_dim(model, eval_loader, accelerator, level, cfg.class_conditional)
     checksum = export_model(model, model_cfg, stage_dir) if accelerator.is_main_process else None
-    outputs = {"model": "model.safetensors", "model_sha256": checksum, "steps": state.step, "exported_step": state.best_step if state.best_step >= 0 else state.step}
-    return StageResult(outputs, {"val_bits_per_dim": bpd, "uniform_bits_per_dim": math.log2(model_cfg.num_codes)})
+    outputs = {"model": "model.safetensors", "model_sha256": checksum, "steps": state.step,
+               "exported_step": state.best_step if state.best_step >= 0 else state.step}
+    metrics = {"val_bits_per_dim": bpd, "uniform_bits_per_dim": math.log2(model_cfg.num_codes)}
+    return StageResult(outputs, metrics, files=("model.safetensors", "model.json"))

@@ -13,8 +13,7 @@ import torch
 from accelerate import Accelerator
 
 from vqgen.config import VQVAEStageConfig
-from vqgen.configtools import to_dict
-from vqgen.data.datasets import DataConfig, build_dataset
+from vqgen.data.datasets import DataConfig, build_dataset, skipped_files_report
 from vqgen.distributed import shard_loader
 from vqgen.evaluation import reconstruction_metrics, vqvae_loss
 from vqgen.manifest import StageResult
@@ -22,13 +21,8 @@ from vqgen.models.export import export_model
 from vqgen.models.vqvae2 import VQVAE2
 from vqgen.pictures import save_grid
 from vqgen.train import best_weights, fit
-from vqgen.utils import sha256_json
 
 DIR = "vqvae"
-
-
-def config_hash(cfg: VQVAEStageConfig, data: DataConfig) -> str:
-    return sha256_json({"vqvae": to_dict(cfg), "data": to_dict(data)})
 
 
 def write_recon_grid(model: VQVAE2, images: torch.Tensor, path: Path) -> None:
@@ -60,5 +54,10 @@ def run(cfg: VQVAEStageConfig, data: DataConfig, run_dir: Path, accelerator: Acc
     model = best_weights(accelerator.unwrap_model(model), state, stage_dir)
     metrics = reconstruction_metrics(model, eval_loader, accelerator)  # the whole eval split
     checksum = export_model(model, cfg.model, stage_dir) if accelerator.is_main_process else None
-    outputs = {"model": "model.safetensors", "model_sha256": checksum, "steps": state.step, "exported_step": state.best_step if state.best_step >= 0 else state.step}
-    return StageResult(outputs, metrics)
+    outputs = {"model": "model.safetensors", "model_sha256": checksum, "steps": state.step,
+               "exported_step": state.best_step if state.best_step >= 0 else state.step}
+    skipped, lines = skipped_files_report(train=train_set, eval=eval_set)
+    for line in lines:
+        accelerator.print(f"[vqgen] {line}")
+    metrics.update(skipped)
+    return StageResult(outputs, metrics, files=("model.safetensors", "model.json"))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -40,3 +42,47 @@ class HostReads(torch.utils._python_dispatch.TorchDispatchMode):
 def host_reads() -> type[HostReads]:
     """``with host_reads() as reads: ...; reads.count``."""
     return HostReads
+
+
+TINY_PIPELINE = Path(__file__).resolve().parent / "pipelines" / "tiny.toml"
+INCEPTION_NOFC = Path("inception") / "pt_inception-2015-12-05-nofc.pth"
+
+
+class TinyPipeline:
+    """``tests/pipelines/tiny.toml`` run through the ``vqgen`` command as users run it, in its own
+    folder, with one process or several under ``torchrun`` (gloo on the CPU)."""
+
+    def __init__(self, root: Path, weights: Path, name: str = "tiny"):
+        self.root, self.weights, self.name = root, weights, name
+
+    @property
+    def run_dir(self) -> Path:
+        return self.root / "runs" / self.name
+
+    def command(self, *args: str, procs: int = 1, sets: tuple[str, ...] = ()) -> list[str]:
+        launcher = [sys.executable]
+        if procs > 1:
+            launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs)]
+        base = [f"run.out_dir={self.root / 'runs'}", f"run.name={self.name}",
+                f"evaluate.inception_weights={self.weights}"]
+        overrides = [item for s in (*base, *sets) for item in ("--set", s)]
+        return [*launcher, "-m", "vqgen.cli", *args, str(TINY_PIPELINE), *overrides]
+
+    def start(self, *args: str, procs: int = 1, sets: tuple[str, ...] = (), wrap: tuple[str, ...] = ()) -> subprocess.Popen:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "ACCELERATE_USE_CPU": "1"}
+        # A session of its own, so a test can kill the launcher and every process it started.
+        return subprocess.Popen([*wrap, *self.command(*args, procs=procs, sets=sets)], cwd=self.root, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+    def __call__(self, *args: str, procs: int = 1, sets: tuple[str, ...] = (), rc: int = 0,
+                 wrap: tuple[str, ...] = ()) -> str:
+        proc = self.start(*args, procs=procs, sets=sets, wrap=wrap)
+        out, _ = proc.communicate(timeout=900)
+        assert proc.returncode == rc, f"exit {proc.returncode}, expected {rc}:\n{out[-6000:]}"
+        return out
+
+
+@pytest.fixture
+def tiny_pipeline(tmp_path, shared_data) -> TinyPipeline:
+    """``tiny_pipeline("run")`` runs the tiny pipeline in ``tmp_path`` and returns its output."""
+    return TinyPipeline(tmp_path, shared_data / INCEPTION_NOFC)

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from vqgen.config import PipelineConfig, config_to_toml, load_config
-from vqgen.configtools import from_dict, loads_toml
+from vqgen import cli, configtools
+from vqgen.configtools import from_dict, load_toml, loads_toml
 from vqgen.errors import ConfigError
 
 PIPELINES = sorted((Path(__file__).parents[1] / "pipelines").glob("*.toml"))
@@ -67,3 +68,38 @@ def test_cli_reports_config_errors_without_a_traceback(tmp_path):
     missing = subprocess.run([sys.executable, "-m", "vqgen.cli", "config", str(tmp_path / "nope.toml")],
                              capture_output=True, text=True)
     assert missing.returncode == 2 and "not found" in missing.stderr
+
+
+def test_config_path_that_is_a_directory_names_it(tmp_path, capsys):
+    with pytest.raises(ConfigError, match=f"config path is a directory, not a TOML file: {tmp_path}"):
+        load_toml(str(tmp_path))
+    assert cli.main(["config", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vqgen: error: config path is a directory") and str(tmp_path) in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "error, words",
+    [(PermissionError(13, "Permission denied"), "not readable .permission denied."),
+     (OSError(5, "Input/output error"), "cannot read config file .*Input/output error")],
+)
+def test_unreadable_config_file_names_it(tmp_path, monkeypatch, error, words):
+    path = tmp_path / "locked.toml"
+    path.write_text("[run]\n")
+
+    def refuse(*args, **kwargs):
+        raise error
+
+    # The module's own name `open` shadows the builtin, so only load_toml's open is refused.
+    monkeypatch.setattr(configtools, "open", refuse, raising=False)
+    with pytest.raises(ConfigError, match=words) as info:
+        load_toml(str(path))
+    assert str(path) in str(info.value)
+
+
+def test_config_that_is_not_utf8_names_it(tmp_path):
+    path = tmp_path / "latin1.toml"
+    path.write_bytes(b'name = "caf\xe9"\n')
+    with pytest.raises(ConfigError, match="latin1.toml is not valid TOML .not UTF-8"):
+        load_toml(str(path))

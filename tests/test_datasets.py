@@ -207,8 +207,37 @@ def test_npz_bad_arrays_name_the_key(tmp_path, arrays, match):
 def test_npz_that_is_not_an_npz(tmp_path):
     path = tmp_path / "junk.npz"
     path.write_bytes(b"not a zip file")
-    with pytest.raises(DataError, match="junk.npz"):
+    with pytest.raises(DataError, match="junk.npz is not an .npz file") as info:
         build_dataset(DataConfig(kind="npz", root=str(path)), "train")
+    assert "pickle" not in str(info.value)  # numpy's own message is about allow_pickle
+    np.save(tmp_path / "one.npy", np.zeros((2, 8, 8), np.uint8))
+    with pytest.raises(DataError, match="one.npy is a .npy file .*not an .npz"):
+        build_dataset(DataConfig(kind="npz", root=str(tmp_path / "one.npy")), "train")
+    (tmp_path / "broken.npz").write_bytes(b"PK\x03\x04 and no archive")
+    with pytest.raises(DataError, match="broken.npz is not an .npz file"):
+        build_dataset(DataConfig(kind="npz", root=str(tmp_path / "broken.npz")), "train")
+
+
+@pytest.mark.parametrize("key", ["images", "labels"])
+def test_npz_object_arrays_are_refused_naming_the_key(tmp_path, key):
+    arrays = {"images": np.zeros((3, 8, 8), np.uint8), "labels": np.zeros(3, np.int64)}
+    arrays[key] = np.array([arrays[key][0], None, None], dtype=object)
+    path = tmp_path / "objects.npz"
+    np.savez(path, **arrays)
+    with pytest.raises(DataError, match=f"objects.npz: array '{key}' holds Python objects .dtype object.") as info:
+        build_dataset(DataConfig(kind="npz", root=str(path), image_size=8), "train")
+    assert "run code" in str(info.value)
+    assert "allow_pickle" not in str(info.value) and "unsafely" not in str(info.value)
+
+
+def test_npz_damaged_member_names_the_key(tmp_path):
+    path = tmp_path / "cut.npz"
+    np.savez_compressed(path, images=np.random.default_rng(0).integers(0, 256, (50, 8, 8), dtype=np.uint8))
+    data = path.read_bytes()
+    start = data.index(b"images.npy") + 200  # inside the compressed data of the first member
+    path.write_bytes(data[:start] + bytes(64) + data[start + 64:])
+    with pytest.raises(DataError, match="cut.npz.*'images'"):
+        build_dataset(DataConfig(kind="npz", root=str(path), image_size=8), "train")
 
 
 def test_cifar10_subset_npz(shared_data):
@@ -293,21 +322,83 @@ def test_folder_skip_mode_counts_corrupt_files(tmp_path):
     assert len(first) == 2 and first.num_skipped == 2  # sorted: 0.png, 0bad.png, 0trunc.png, 1.png
 
 
-def test_folder_truncated_jpeg_fails_at_load_naming_the_file(tmp_path):
-    pixels = np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+def _noise_image_bytes(fmt: str, seed=1) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (32, 32, 3), dtype=np.uint8)
     buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="JPEG")
-    # Cut inside the scan data: the header still verifies, decoding fails.
-    (tmp_path / "cut.jpg").write_bytes(buf.getvalue()[:-100])
+    Image.fromarray(pixels).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def _cut(data: bytes, fraction=0.9) -> bytes:
+    return data[: int(len(data) * fraction)]
+
+
+@pytest.mark.parametrize("fmt, suffix", [("JPEG", "jpg"), ("PNG", "png"), ("WEBP", "webp"), ("BMP", "bmp"),
+                                         ("GIF", "gif")])
+def test_folder_truncated_file_is_caught_at_construction(tmp_path, fmt, suffix):
+    # PIL's verify() alone passes a JPEG, BMP or GIF cut at 90%; they failed only when loaded.
+    (tmp_path / f"cut.{suffix}").write_bytes(_cut(_noise_image_bytes(fmt)))
+    _save(tmp_path / "ok.png", 1)
+    _save(tmp_path / "test" / "held.png", 2)
+    cfg = DataConfig(kind="folder", root=str(tmp_path), image_size=8)
+    with pytest.raises(DataError, match=f"cut.{suffix}"):
+        build_dataset(cfg, "train")
+    ds = build_dataset(DataConfig(kind="folder", root=str(tmp_path), image_size=8, on_corrupt="skip"), "train")
+    assert len(ds) == 1 and ds.num_skipped == 1 and ds.skipped_files[0].name == f"cut.{suffix}"
+    assert ds.skipped_summary().startswith(f"skipped 1 corrupt image file (e.g. cut.{suffix}: ")
+
+
+def test_folder_truncated_jpeg_reason_and_summary(tmp_path):
+    whole = _noise_image_bytes("JPEG")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "b.jpg").write_bytes(_cut(whole))
+    (tmp_path / "a" / "c.jpg").write_bytes(whole[:-1])  # only the last byte of the marker missing
+    (tmp_path / "a" / "d.jpg").write_bytes(whole + b"\0" * 1000)  # bytes after the marker: still whole
+    _save(tmp_path / "test" / "a" / "held.png", 2)
+    cfg = DataConfig(kind="folder", root=str(tmp_path), image_size=8, on_corrupt="error")
+    with pytest.raises(DataError, match=r"b.jpg \(truncated JPEG \(no end-of-image marker\)\)"):
+        build_dataset(cfg, "train")
+    ds = build_dataset(DataConfig(kind="folder", root=str(tmp_path), image_size=8, on_corrupt="skip"), "train")
+    assert [p.name for p in ds.skipped_files] == ["b.jpg", "c.jpg"] and len(ds) == 1
+    expected = "skipped 2 corrupt image files (e.g. a/b.jpg: truncated JPEG (no end-of-image marker))"
+    assert ds.skipped_summary() == expected
+    assert ds[0][0].shape == (3, 8, 8)
+    assert build_dataset(DataConfig(kind="folder", root=str(tmp_path / "test"), image_size=8,
+                                    on_corrupt="skip"), "eval").skipped_summary() is None
+
+
+def test_folder_file_damaged_after_construction_fails_at_load_naming_it(tmp_path):
+    whole = _noise_image_bytes("JPEG")
+    (tmp_path / "cut.jpg").write_bytes(whole)
     _save(tmp_path / "ok.png", 1)
     _save(tmp_path / "test" / "held.png", 2)
     ds = build_dataset(DataConfig(kind="folder", root=str(tmp_path), image_size=8), "train")
+    (tmp_path / "cut.jpg").write_bytes(_cut(whole))  # damaged while the dataset is in use
     with pytest.raises(DataError, match="cut.jpg"):
         ds[0]
     assert ds[1][0].shape == (3, 8, 8)
     # From a DataLoader worker the same error reaches the main process, still naming the file.
     with pytest.raises(DataError, match="cut.jpg"):
         list(DataLoader(ds, batch_size=1, num_workers=1))
+
+
+def test_folder_skip_mode_epoch_completes_despite_damaged_files(tmp_path):
+    for i in range(4):
+        _save(tmp_path / f"{i}.png", 10 * i)
+    (tmp_path / "1cut.jpg").write_bytes(_cut(_noise_image_bytes("JPEG")))
+    (tmp_path / "2cut.png").write_bytes(_cut(_noise_png_bytes()))
+    _save(tmp_path / "test" / "held.png", 2)
+    ds = build_dataset(DataConfig(kind="folder", root=str(tmp_path), image_size=8, on_corrupt="skip"), "train")
+    assert len(ds) == 4 and ds.num_skipped == 2
+    assert [p.name for p in ds.skipped_files] == ["1cut.jpg", "2cut.png"]
+    (tmp_path / "1.png").write_bytes(b"damaged later")  # fails only in load()
+    with pytest.warns(RuntimeWarning, match="1.png") as caught:
+        first, again = ds[1], ds[1]
+    assert len(caught) == 1  # once per file, not once per access
+    assert torch.equal(first[0], ds[2][0]) and torch.equal(again[0], first[0])  # the next file, 2.png
+    batches = list(DataLoader(ds, batch_size=2, num_workers=0))
+    assert sum(len(labels) for _, labels in batches) == 4
+    assert sum(len(b[1]) for b in DataLoader(ds, batch_size=2, num_workers=1)) == 4  # and in a worker
 
 
 # --- raw idx (MNIST-style) ---------------------------------------------------------------------

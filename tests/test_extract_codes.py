@@ -59,12 +59,13 @@ def test_interrupted_extraction_resumes(run_cfg):
     run_single_stage(run_cfg, "extract-codes")
     expected = records(run_dir / "codes" / "codes.lmdb")
 
-    # A kill after 10 records: metadata says incomplete, and readers refuse the store.
+    # A kill after 10 records: no manifest, metadata says incomplete, and readers refuse the store.
     partial = run_dir / "codes" / "codes.lmdb"
     model, _, checksum = load_model(run_dir / "vqvae")
     shutil.rmtree(partial)
+    (run_dir / "codes" / "manifest.json").unlink()
     with CodeStoreWriter(partial) as writer:
-        writer.write_meta(store_meta(model, 16, 5, checksum, 30))
+        writer.write_meta(store_meta(model, run_cfg.data, "train", 5, checksum, 30))
         # Zero codes mark the records written before the kill: resuming must keep them, not redo them.
         writer.put_batch(list(range(10)), [torch.zeros(10, 2, 2), torch.zeros(10, 4, 4)], [r[2] for r in expected[:10]])
     assert read_store_meta(partial)["complete"] is False
@@ -82,7 +83,7 @@ def test_store_of_another_model_is_restarted(run_cfg):
     partial = run_dir / "codes" / "codes.lmdb"
     model, _, checksum = load_model(run_dir / "vqvae")
     with CodeStoreWriter(partial) as writer:
-        writer.write_meta(store_meta(model, 16, 5, "0" * 64, 30))
+        writer.write_meta(store_meta(model, run_cfg.data, "train", 5, "0" * 64, 30))
     run_single_stage(run_cfg, "extract-codes")
     meta = read_store_meta(partial)
     assert meta["complete"] and meta["source_checksum"] == checksum and meta["count"] == 30

@@ -11,6 +11,7 @@ import scipy.linalg
 import torch
 
 from vqgen.errors import CheckpointError, DataError
+from vqgen.metrics import fid
 from vqgen.metrics import (
     INCEPTION_CONFIG_KEY,
     INCEPTION_URL,
@@ -30,6 +31,8 @@ from vqgen.metrics import (
     stats_from_features,
     stats_from_images,
 )
+from vqgen.metrics.fid import INCEPTION_TENSORS_SHA256, inception_tensors_sha256
+from vqgen.utils import sha256_file
 
 SHARED_DATA = Path(os.environ.get("VQGEN_TEST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 REAL_WEIGHTS = SHARED_DATA / "inception" / "pt_inception-2015-12-05-nofc.pth"
@@ -140,6 +143,23 @@ def test_moments_over_uneven_batches_match_numpy():
     assert merged.count == 37 and torch.allclose(merged.cov, stats.cov, atol=1e-10)
 
 
+def test_degenerate_statistics_are_a_named_error(monkeypatch):
+    good = _stats(torch.zeros(4), torch.eye(4))
+    cov = torch.eye(4, dtype=torch.float64)
+    cov[0, 1] = math.nan  # what NaN features (e.g. from wrong Inception weights) give
+    bad = FeatureStats(mean=torch.zeros(4, dtype=torch.float64), cov=cov, count=10, key="samples|10")
+    expected = r"degenerate \(the second statistics \(samples\|10\) hold NaN.*Inception weights"
+    with pytest.raises(DataError, match=expected):
+        frechet_distance(good, bad)
+
+    def no_convergence(*args, **kwargs):
+        raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
+
+    monkeypatch.setattr(torch.linalg, "eigh", no_convergence)
+    with pytest.raises(DataError, match="degenerate .eigen-decomposition failed"):
+        frechet_distance(good, good)
+
+
 def test_moments_need_two_images():
     moments = FeatureMoments(4)
     moments.update(torch.zeros(1, 4))
@@ -240,6 +260,49 @@ def test_real_weights_file_passes_the_checks():
         pytest.skip("shared FID Inception weights are absent")
     state = load_inception_state_dict(REAL_WEIGHTS)
     assert len(state) == 564 and "fc.weight" not in state
+    assert inception_tensors_sha256(state) == INCEPTION_TENSORS_SHA256
+
+
+@pytest.fixture(scope="module")
+def real_state():
+    if not REAL_WEIGHTS.is_file():
+        pytest.skip("shared FID Inception weights are absent")
+    return torch.load(REAL_WEIGHTS, map_location="cpu", weights_only=True)
+
+
+def test_weights_with_the_right_layout_but_other_values_are_rejected(tmp_path, real_state):
+    state = dict(real_state)
+    state["Mixed_5b.branch1x1.bn.running_var"] = state["Mixed_5b.branch1x1.bn.running_var"] * 2
+    edited = tmp_path / "retrained.pth"
+    torch.save(state, edited)
+    with pytest.raises(CheckpointError, match="retrained.pth: not the standard FID Inception weights "
+                                              r"\(tensor checksum [0-9a-f]{16}.*not comparable with published"):
+        load_inception_state_dict(edited)
+
+
+def test_weights_with_the_standard_file_prefix_are_accepted(tmp_path, real_state, monkeypatch):
+    state = dict(real_state)
+    state["Conv2d_1a_3x3.bn.running_mean"] = state["Conv2d_1a_3x3.bn.running_mean"] + 1
+    edited = tmp_path / "edited.pth"
+    torch.save(state, edited)
+    with pytest.raises(CheckpointError, match="not the standard"):
+        load_inception_state_dict(edited)
+    # A file whose sha256 starts like the standard file's is taken as that file, whatever it holds.
+    monkeypatch.setattr(fid, "INCEPTION_SHA256_PREFIX", sha256_file(edited)[:8])
+    assert len(load_inception_state_dict(edited)) == 564
+
+
+def test_tensor_checksum_ignores_how_the_file_was_saved(tmp_path, real_state):
+    # Like the standard 6726825d file: legacy torch.save format, conv weights in another memory
+    # layout (other strides), and the classifier (fc) that FID never reads.
+    state = {k: v.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2) if v.dim() == 4 else v
+             for k, v in real_state.items()}
+    state["fc.weight"], state["fc.bias"] = torch.randn(1008, 2048), torch.randn(1008)
+    assert not state["Conv2d_1a_3x3.conv.weight"].is_contiguous()
+    full = tmp_path / "full-legacy.pth"
+    torch.save(state, full, _use_new_zipfile_serialization=False)
+    loaded = load_inception_state_dict(full)
+    assert len(loaded) == 566 and inception_tensors_sha256(loaded) == INCEPTION_TENSORS_SHA256
 
 
 # ---------------------------------------------------------------------------------------------

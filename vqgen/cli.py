@@ -99,6 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     except VQGenError as err:
         print(f"vqgen: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        from vqgen.distributed import shutdown
+
+        shutdown()
     return 0
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from vqgen.configtools import apply_overrides, from_dict, load_toml, to_dict, to_toml
+from vqgen.configtools import apply_overrides, from_dict, load_toml, location_field, schedule_field, to_dict, to_toml
 from vqgen.data.datasets import DataConfig
 from vqgen.errors import ConfigError
 from vqgen.models.pixelcnn import PriorConfig
@@ -24,13 +24,13 @@ from vqgen.train import TrainConfig
 class RunConfig:
     """Where the run lives and how its processes are set up."""
 
-    name: str = "demo"
-    out_dir: str = "runs"
+    name: str = location_field("demo")
+    out_dir: str = location_field("runs")
     """Runs are written to ``out_dir/name`` (relative paths are relative to the working directory)."""
     seed: int = 0
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     """"auto": bf16 on a GPU, float32 on a CPU."""
-    tracker: Literal["csv", "tensorboard", "none"] = "csv"
+    tracker: Literal["csv", "tensorboard", "none"] = schedule_field("csv")
 
     def __post_init__(self):
         if not self.name or "/" in self.name:
@@ -43,7 +43,7 @@ class VQVAEStageConfig:
 
     model: VQVAEConfig = field(default_factory=VQVAEConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    num_recon_images: int = 16
+    num_recon_images: int = schedule_field(16)
     """Images in ``recon.png`` (originals above their reconstructions)."""
     eval_batches: int = 8
     """Validation batches for recon MSE / PSNR / codebook usage during training."""
@@ -53,10 +53,10 @@ class VQVAEStageConfig:
 class CodesStageConfig:
     """extract-codes: encode the dataset into ``codes/codes.lmdb``."""
 
-    batch_size: int = 128
+    batch_size: int = schedule_field(128)
     include_eval: bool = True
     """Also encode the evaluation split (``codes/eval.lmdb``), for the priors' validation bits/dim."""
-    commit_every: int = 1024
+    commit_every: int = schedule_field(1024)
     """Records per LMDB write transaction."""
 
     def __post_init__(self):
@@ -79,7 +79,7 @@ class PriorStageConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     class_conditional: bool = False
     """Condition on the dataset's class labels (the store must hold labels)."""
-    num_sample_images: int = 16
+    num_sample_images: int = schedule_field(16)
     """Decoded samples in ``samples.png``, written every ``train.image_every`` steps."""
     eval_batches: int = 16
     """Validation batches of held-out codes for bits/dim (0: use the whole eval store)."""
@@ -99,15 +99,15 @@ class SampleStageConfig:
     batch_size: int = 32
     top: SamplerConfig = field(default_factory=SamplerConfig)
     bottom: SamplerConfig = field(default_factory=SamplerConfig)
-    cached: bool = True
+    cached: bool = schedule_field(True)
     """Incremental sampling with activation caches (False: full recomputation, the slow reference)."""
-    cuda_graphs: bool = False
+    cuda_graphs: bool = schedule_field(False)
     """On a GPU, replay each cached sampling step as a CUDA graph (one launch per step instead of
     one per kernel; same codes). Off by default until it has been measured on hardware: see NOTES.md."""
     label: int = -1
     """Class to sample when the priors are class-conditional; -1 draws labels uniformly."""
     seed: int = 0
-    grid_size: int = 64
+    grid_size: int = schedule_field(64)
     """Samples shown in ``samples/grid.png``."""
 
     def __post_init__(self):
@@ -119,14 +119,14 @@ class SampleStageConfig:
 class EvaluateStageConfig:
     """evaluate: FID of samples and reconstructions, PSNR, codebook usage, bits/dim, the report."""
 
-    inception_weights: str = ""
+    inception_weights: str = schedule_field("")
     """Path of the FID Inception weights; empty: the torch hub cache (never downloaded here)."""
     num_real: int = 0
     """Real evaluation images for the reference statistics (0: the whole evaluation split)."""
     num_recon: int = 0
     """Images reconstructed for PSNR and rFID (0: as many as ``num_real``)."""
-    batch_size: int = 50
-    stats_cache: str = ""
+    batch_size: int = schedule_field(50)
+    stats_cache: str = schedule_field("")
     """Folder for cached reference statistics; empty: ``out_dir/fid-stats``."""
 
     def __post_init__(self):

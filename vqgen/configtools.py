@@ -25,6 +25,43 @@ from vqgen.errors import ConfigError
 T = TypeVar("T")
 
 
+SCHEDULE = "schedule"
+LOCATION = "location"
+
+
+def schedule_field(default: Any) -> Any:
+    """A config field that only schedules a stage's work (how long, how often to log, checkpoint or
+    draw, how many workers) without changing what the finished stage computes up to that point:
+    changing it continues the stage from its checkpoint. Every other field defines the result, and
+    changing it restarts the stage (and the stages that read its outputs) from scratch."""
+    return dataclasses.field(default=default, metadata={SCHEDULE: True})
+
+
+def location_field(default: Any) -> Any:
+    """A config field that says where a run lives (its folder), not what it computes or when: it
+    belongs to neither role, so a copied or renamed run folder is still up to date."""
+    return dataclasses.field(default=default, metadata={LOCATION: True})
+
+
+def split_by_role(cfg: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(defining, scheduling)``: the plain dicts of ``cfg``'s fields split by :func:`schedule_field`,
+    nested sections split recursively (a section appears in both when it has fields of both roles)."""
+    defining: dict[str, Any] = {}
+    scheduling: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            sub_def, sub_sched = split_by_role(value)
+            if sub_def:
+                defining[f.name] = sub_def
+            if sub_sched:
+                scheduling[f.name] = sub_sched
+        elif value is not None and not f.metadata.get(LOCATION):
+            target = scheduling if f.metadata.get(SCHEDULE) else defining
+            target[f.name] = list(value) if isinstance(value, tuple) else value
+    return defining, scheduling
+
+
 def _join(prefix: str, key: str) -> str:
     return f"{prefix}.{key}" if prefix else key
 
@@ -186,10 +223,19 @@ def loads_toml(text: str) -> dict[str, Any]:
 
 
 def load_toml(path: str) -> dict[str, Any]:
+    """The tables of the TOML file ``path``; a ConfigError naming the path when it cannot be read."""
     try:
         with open(path, "rb") as f:
             return tomllib.load(f)
     except FileNotFoundError:
         raise ConfigError("", f"config file not found: {path}") from None
+    except IsADirectoryError:
+        raise ConfigError("", f"config path is a directory, not a TOML file: {path}") from None
+    except PermissionError:
+        raise ConfigError("", f"config file is not readable (permission denied): {path}") from None
+    except OSError as err:  # a device error, a name too long, ...: still the user's path to fix
+        raise ConfigError("", f"cannot read config file {path}: {err.strerror or err}") from None
+    except UnicodeDecodeError as err:  # TOML must be UTF-8; tomllib raises this for other bytes
+        raise ConfigError("", f"{path} is not valid TOML (not UTF-8 text): {err}") from None
     except tomllib.TOMLDecodeError as err:
         raise ConfigError("", f"{path} is not valid TOML: {err}") from None

@@ -22,3 +22,11 @@ class DataError(VQGenError):
 
 class CheckpointError(VQGenError):
     """A checkpoint, model export or manifest that is missing, truncated or does not match."""
+
+
+class StorageError(VQGenError):
+    """A write that the filesystem refused: no space left, read-only, or no permission.
+
+    Raised after the partial output is removed; what was written before (finished checkpoints,
+    exports) is left as it was.
+    """

@@ -1,22 +1,38 @@
-"""The pipeline runner: every stage in order, skipping those whose manifests are current.
+"""The pipeline runner: every stage in order, each skipped, continued or restarted as its inputs say.
 
-A stage is current when its manifest exists and records the hash of the stage's config section
-and the hashes of the manifests it read from; anything else runs it again, and a training stage
-that runs again resumes from its latest checkpoint.
+A stage's *definition* is everything its result depends on: the defining values of the config
+sections it reads (its own, ``data`` where it reads images, ``run``) and the output fingerprints of
+the stages it reads. Its *schedule* is the rest of those sections (steps, logging, checkpoint and
+picture intervals, workers; see :func:`vqgen.configtools.schedule_field`). Then:
+
+- same definition, same schedule, finished, outputs intact → skipped;
+- same definition, otherwise → run, continuing from its own checkpoints and partial outputs (a
+  longer ``train.steps`` continues training; damaged outputs are deleted and made again);
+- another definition, or a folder with no record of the definition its files came from →
+  restarted: the stage folder is deleted first, so nothing made under the old inputs survives, and
+  since the stage's outputs change, every stage that reads them restarts in turn.
+
+The decision is taken on the main process and shared, so all processes of a launch agree.
 """
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from accelerate import Accelerator
 
 from vqgen.config import PipelineConfig, config_to_toml
-from vqgen.distributed import process_state
-from vqgen.errors import ConfigError
-from vqgen.manifest import StageResult, is_current, manifest_hash, read_manifest, write_manifest
+from vqgen.configtools import split_by_role
+from vqgen.distributed import on_main_process, process_state
+from vqgen.errors import ConfigError, VQGenError
+from vqgen.manifest import (
+    MANIFEST, STARTED, Decision, StageResult, StageSpec, damaged_outputs, decide, output_fingerprint,
+    read_manifest, write_manifest, write_started,
+)
+from vqgen.runlock import RunLock
 from vqgen.train import make_accelerator
 from vqgen.utils import atomic_write_text
 
@@ -26,8 +42,11 @@ class Stage:
     name: str
     dir: str
     upstream: tuple[str, ...]
+    """Stages whose outputs this one reads."""
+    sections: Callable[[PipelineConfig], dict[str, Any]]
+    """The config sections the stage reads, by dotted name: together with the upstream outputs,
+    what defines and schedules it."""
     run: Callable[[PipelineConfig, Path, Accelerator], StageResult]
-    config_hash: Callable[[PipelineConfig], str]
 
 
 def _stages() -> tuple[Stage, ...]:
@@ -36,29 +55,28 @@ def _stages() -> tuple[Stage, ...]:
 
     def prior(level):
         return Stage(
-            f"train-prior-{level}",
-            train_prior.stage_dir_name(level),
-            ("extract-codes",),
+            f"train-prior-{level}", train_prior.stage_dir_name(level), ("extract-codes",),
+            lambda cfg: {"run": cfg.run, f"prior.{level}": getattr(cfg.prior, level)},
             lambda cfg, run_dir, acc: train_prior.run(getattr(cfg.prior, level), level, run_dir, acc),
-            lambda cfg: train_prior.config_hash(getattr(cfg.prior, level), level),
         )
 
+    priors = ("train-prior-top", "train-prior-bottom")
     return (
         Stage("train-vqvae", train_vqvae.DIR, (),
-              lambda cfg, run_dir, acc: train_vqvae.run(cfg.vqvae, cfg.data, run_dir, acc),
-              lambda cfg: train_vqvae.config_hash(cfg.vqvae, cfg.data)),
+              lambda cfg: {"run": cfg.run, "data": cfg.data, "vqvae": cfg.vqvae},
+              lambda cfg, run_dir, acc: train_vqvae.run(cfg.vqvae, cfg.data, run_dir, acc)),
         Stage("extract-codes", extract_codes.DIR, ("train-vqvae",),
-              lambda cfg, run_dir, acc: extract_codes.run(cfg.codes, cfg.data, run_dir, acc),
-              lambda cfg: extract_codes.config_hash(cfg.codes, cfg.data)),
+              lambda cfg: {"run": cfg.run, "data": cfg.data, "codes": cfg.codes},
+              lambda cfg, run_dir, acc: extract_codes.run(cfg.codes, cfg.data, run_dir, acc)),
         # Bottom first, so the top prior's training pictures are full ancestral samples.
         prior("bottom"),
         prior("top"),
-        Stage("sample", sample.DIR, ("train-vqvae", "train-prior-top", "train-prior-bottom"),
-              lambda cfg, run_dir, acc: sample.run(cfg.sample, run_dir, acc),
-              lambda cfg: sample.config_hash(cfg.sample)),
-        Stage("evaluate", evaluate.DIR, ("sample", "extract-codes"),
-              lambda cfg, run_dir, acc: evaluate.run(cfg.evaluate, cfg.data, run_dir, acc),
-              lambda cfg: evaluate.config_hash(cfg.evaluate, cfg.data)),
+        Stage("sample", sample.DIR, ("train-vqvae", *priors),
+              lambda cfg: {"run": cfg.run, "sample": cfg.sample},
+              lambda cfg, run_dir, acc: sample.run(cfg.sample, run_dir, acc)),
+        Stage("evaluate", evaluate.DIR, ("train-vqvae", "extract-codes", *priors, "sample"),
+              lambda cfg: {"run": cfg.run, "data": cfg.data, "evaluate": cfg.evaluate},
+              lambda cfg, run_dir, acc: evaluate.run(cfg.evaluate, cfg.data, run_dir, acc)),
     )
 
 
@@ -66,36 +84,102 @@ def stage_names() -> list[str]:
     return [s.name for s in _stages()]
 
 
-def _write_resolved_config(cfg: PipelineConfig) -> None:
-    if process_state().is_main_process:
-        atomic_write_text(cfg.run_dir / "config.toml", config_to_toml(cfg))
+def stage_spec(cfg: PipelineConfig, stage: Stage, inputs: dict[str, str]) -> StageSpec:
+    definition: dict[str, Any] = {}
+    schedule: dict[str, Any] = {}
+    for name, section in stage.sections(cfg).items():
+        definition[name], schedule[name] = split_by_role(section)
+    definition["inputs"] = inputs
+    return StageSpec(definition, schedule)
 
 
-def run_stage(cfg: PipelineConfig, stage: Stage, dirs: dict[str, str], force: bool = True) -> dict | None:
-    """Run one stage unless (``force`` False and) its manifest is current. Returns the manifest."""
-    run_dir = cfg.run_dir
-    inputs = {name: manifest_hash(run_dir / dirs[name]) for name in stage.upstream}
-    missing = [name for name, h in inputs.items() if h is None]
-    if missing:
-        raise ConfigError("", f"stage {stage.name} needs {', '.join(missing)} to have finished in {run_dir}")
-    config_hash = stage.config_hash(cfg)
-    if not force and is_current(run_dir / stage.dir, config_hash, inputs):
-        process_state().print(f"[vqgen] {stage.name}: up to date, skipped")
-        return read_manifest(run_dir / stage.dir)
-    process_state().print(f"[vqgen] {stage.name}: running")
+def upstream_fingerprints(cfg: PipelineConfig, stage: Stage, dirs: dict[str, str]) -> dict[str, str]:
+    """The output fingerprints of the stages ``stage`` reads; each must have finished, intact."""
+    inputs = {}
+    for name in stage.upstream:
+        upstream_dir = cfg.run_dir / dirs[name]
+        fingerprint = output_fingerprint(upstream_dir)
+        if fingerprint is None:
+            raise ConfigError("", f"stage {stage.name} needs {name} to have finished in {cfg.run_dir}")
+        damaged = damaged_outputs(upstream_dir, read_manifest(upstream_dir) or {})
+        if damaged:
+            raise VQGenError(f"stage {stage.name} reads the outputs of {name}, which are damaged "
+                             f"({'; '.join(damaged.values())}): run the pipeline again to remake them")
+        inputs[name] = fingerprint
+    return inputs
+
+
+def _clear(stage_dir: Path) -> None:
+    """Delete a stage folder's work. The records go first: a kill midway leaves files with no
+    record, which the next run deletes too."""
+    for record in (STARTED, MANIFEST):
+        (stage_dir / record).unlink(missing_ok=True)
+    shutil.rmtree(stage_dir, ignore_errors=True)
+    if stage_dir.exists():
+        raise VQGenError(f"cannot delete {stage_dir} to restart its stage: remove it by hand")
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _prepare(cfg: PipelineConfig, stage: Stage, dirs: dict[str, str], force: bool,
+             writable: bool) -> tuple[str, str, StageSpec]:
+    """Main process: decide, then clear what the decision says must go and record the definition."""
+    stage_dir = cfg.run_dir / stage.dir
+    spec = stage_spec(cfg, stage, upstream_fingerprints(cfg, stage, dirs))
+    decision: Decision = decide(stage_dir, spec, force)
+    if decision.action == "skip":
+        return decision.action, decision.reason, spec
+    if not writable:
+        raise VQGenError(f"run folder {cfg.run_dir} cannot be written (read-only?), and stage {stage.name} "
+                         f"would have to run: {decision.reason}")
+    if decision.action == "restart":
+        _clear(stage_dir)
+    (stage_dir / MANIFEST).unlink(missing_ok=True)  # the folder is about to change: not finished
+    for name in decision.damaged:
+        _remove(stage_dir / name)
+    write_started(stage_dir, spec)
+    return decision.action, decision.reason, spec
+
+
+def run_stage(cfg: PipelineConfig, stage: Stage, dirs: dict[str, str], force: bool = False,
+              writable: bool = True) -> dict | None:
+    """Skip, continue or restart one stage (see the module docstring). Returns its manifest."""
+    action, reason, spec = on_main_process(lambda: _prepare(cfg, stage, dirs, force, writable))
+    state = process_state()
+    if action == "skip":
+        state.print(f"[vqgen] {stage.name}: up to date, skipped")
+        return read_manifest(cfg.run_dir / stage.dir)
+    verb = "restarting from scratch" if action == "restart" else "running"
+    state.print(f"[vqgen] {stage.name}: {verb} ({reason})")
+    stage_dir = cfg.run_dir / stage.dir
     accelerator = make_accelerator(
-        run_dir / stage.dir, mixed_precision=cfg.run.mixed_precision, tracker=cfg.run.tracker, seed=cfg.run.seed
+        stage_dir, mixed_precision=cfg.run.mixed_precision, tracker=cfg.run.tracker, seed=cfg.run.seed
     )
-    result = stage.run(cfg, run_dir, accelerator)
+    result = stage.run(cfg, cfg.run_dir, accelerator)
     accelerator.wait_for_everyone()
-    manifest = None
-    if accelerator.is_main_process:
-        # Written last: the upstream manifests checked above make the next invocation's skip test.
-        manifest = write_manifest(
-            run_dir / stage.dir, stage.name, config_hash, inputs, result.outputs, result.metrics
-        )
-    accelerator.wait_for_everyone()
-    return manifest
+    for tracker in accelerator.trackers:
+        tracker.finish()
+    return on_main_process(lambda: write_manifest(stage_dir, stage.name, spec, result))
+
+
+def _open_run(cfg: PipelineConfig) -> tuple[RunLock, bool]:
+    """Lock the run folder (main process) and write the resolved config when it changed."""
+    lock = RunLock(cfg.run_dir)
+
+    def acquire() -> bool:
+        writable = lock.acquire()
+        if writable:
+            path, text = cfg.run_dir / "config.toml", config_to_toml(cfg)
+            if not path.exists() or path.read_text() != text:
+                atomic_write_text(path, text)
+        return writable
+
+    return lock, on_main_process(acquire)
 
 
 def run_pipeline(cfg: PipelineConfig, from_stage: str | None = None) -> None:
@@ -106,15 +190,21 @@ def run_pipeline(cfg: PipelineConfig, from_stage: str | None = None) -> None:
     if from_stage is not None and from_stage not in names:
         raise ConfigError("--from", f"unknown stage {from_stage!r} (stages: {', '.join(names)})")
     dirs = {s.name: s.dir for s in stages}
-    _write_resolved_config(cfg)
-    start = names.index(from_stage) if from_stage else 0
-    for i, stage in enumerate(stages[start:], start):
-        run_stage(cfg, stage, dirs, force=(from_stage is not None and i == start))
+    lock, writable = _open_run(cfg)
+    try:
+        start = names.index(from_stage) if from_stage else 0
+        for i, stage in enumerate(stages[start:], start):
+            run_stage(cfg, stage, dirs, force=(from_stage is not None and i == start), writable=writable)
+    finally:
+        lock.release()
 
 
 def run_single_stage(cfg: PipelineConfig, name: str) -> dict | None:
     stages = {s.name: s for s in _stages()}
     if name not in stages:
         raise ConfigError("stage", f"unknown stage {name!r} (stages: {', '.join(stages)})")
-    _write_resolved_config(cfg)
-    return run_stage(cfg, stages[name], {s.name: s.dir for s in stages.values()}, force=True)
+    lock, writable = _open_run(cfg)
+    try:
+        return run_stage(cfg, stages[name], {s.name: s.dir for s in stages.values()}, force=True, writable=writable)
+    finally:
+        lock.release()

@@ -1,7 +1,9 @@
 """The training loop shared by every trainable stage (VQ-VAE and both priors).
 
 ``fit`` follows the Accelerate examples' order: prepare → loop with ``accelerator.accumulate`` →
-checkpoint with ``save_state`` → ``end_training``. Progress (optimizer step, epoch, batch within the
+checkpoint with ``save_state``. It leaves the process group and the trackers to the caller (the
+pipeline runner finishes the trackers after the stage and tears the group down once, at exit): a stage
+still gathers metrics and exports after ``fit`` returns, and later stages reuse the group. Progress (optimizer step, epoch, batch within the
 epoch) lives in a :class:`TrainState` saved inside each checkpoint, so a run killed mid-epoch resumes
 at the next batch with the same data order, RNG states and optimizer state.
 """
@@ -9,6 +11,7 @@ at the next batch with the same data order, RNG states and optimizer state.
 from __future__ import annotations
 
 import math
+import pickle
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -17,22 +20,28 @@ from typing import Callable, Literal
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
+from accelerate.utils import load as accelerate_load
 from accelerate.utils import set_seed
+from accelerate.utils.constants import RNG_STATE_NAME
 from safetensors.torch import load_file, save_file
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler
 from tqdm.auto import tqdm
 
+from vqgen.configtools import schedule_field
 from vqgen.errors import CheckpointError, ConfigError
+from vqgen.manifest import read_started
 from vqgen.tracking import TrackerKind, make_trackers
-from vqgen.utils import atomic_write_json, read_json
+from vqgen.utils import atomic_write_json, read_json, storage_errors
 
 
 @dataclass(kw_only=True)
 class TrainConfig:
     """Optimisation and bookkeeping for one trainable stage."""
 
-    steps: int = 10_000
-    """Optimizer steps in total (each step is ``grad_accum_steps`` micro-batches)."""
+    steps: int = schedule_field(10_000)
+    """Optimizer steps in total (each step is ``grad_accum_steps`` micro-batches). Raising it on a
+    finished stage continues training from its last checkpoint (a cosine schedule is stretched to the
+    new length from there on)."""
     batch_size: int = 32
     """Micro-batch size per process."""
     lr: float = 3e-4
@@ -45,18 +54,18 @@ class TrainConfig:
     grad_accum_steps: int = 1
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value (0 disables clipping)."""
-    log_every: int = 25
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 2
-    eval_every: int = 500
+    log_every: int = schedule_field(25)
+    checkpoint_every: int = schedule_field(500)
+    keep_checkpoints: int = schedule_field(2)
+    eval_every: int = schedule_field(500)
     """Validation metrics every N steps and at the end (0: only at the end)."""
-    image_every: int = 1000
+    image_every: int = schedule_field(1000)
     """Write the stage's pictures (reconstructions / samples) every N steps and at the end (0: end only)."""
-    num_workers: int = 0
-    channels_last: bool = True
-    compile: bool = False
+    num_workers: int = schedule_field(0)
+    channels_last: bool = schedule_field(True)
+    compile: bool = schedule_field(False)
     """Wrap the model in ``torch.compile`` (GPU runs; the export holds the uncompiled weights)."""
-    export_best: bool = True
+    export_best: bool = schedule_field(True)
     """Export the weights of the evaluation (every ``eval_every`` steps and at the end) with the best
     validation figure instead of the last weights: small datasets overfit (the stage's docstring
     names the figure)."""
@@ -156,6 +165,8 @@ class Checkpointer:
         self.accelerator = accelerator
         self.root = stage_dir / "checkpoints"
         self.keep = keep
+        started = read_started(stage_dir)  # written by the pipeline runner before the stage runs
+        self.definition_hash = started.get("definition_hash") if started else None
 
     def latest(self) -> Path | None:
         pointer = self.root / "latest.json"
@@ -167,22 +178,42 @@ class Checkpointer:
             raise CheckpointError(f"{pointer} is corrupt ({err}); delete it to start the stage afresh") from None
         if not path.is_dir():
             raise CheckpointError(f"{pointer} names {path.name}, which does not exist")
+        self._check_definition(path)
         return path
 
+    def _check_definition(self, path: Path) -> None:
+        """Refuse a checkpoint made under another definition of the stage (other data, model or
+        optimiser settings): resuming it would mix two experiments in one result."""
+        try:
+            saved = read_json(path / TRAIN_STATE).get("definition_hash")
+        except (OSError, ValueError, AttributeError):
+            return  # a damaged train_state.json is reported by load()
+        if saved and self.definition_hash and saved != self.definition_hash:
+            raise CheckpointError(
+                f"checkpoint {path} was written under another config of this stage than the one "
+                f"running now; delete {self.root} to start the stage afresh (`vqgen run` restarts "
+                "such a stage by itself)"
+            )
+
     def save(self, step: int, train_state: dict) -> None:
+        """A full disk (or a read-only one) raises StorageError with the half-written folder
+        removed; the previous checkpoint and ``latest.json`` are untouched, so resume still works."""
         name = f"step-{step:08d}"
-        tmp = self.root / f".tmp-{name}"
+        tmp, final = self.root / f".tmp-{name}", self.root / name
         if self.accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
         self.accelerator.wait_for_everyone()
-        self.accelerator.save_state(str(tmp))
-        self.accelerator.wait_for_everyone()
+        with storage_errors(tmp, f"checkpoint {final}", cleanup=lambda: shutil.rmtree(tmp, ignore_errors=True)):
+            self.accelerator.save_state(str(tmp))
+            self.accelerator.wait_for_everyone()
+            if self.accelerator.is_main_process:
+                atomic_write_json(tmp / TRAIN_STATE, {**train_state, "definition_hash": self.definition_hash})
         if self.accelerator.is_main_process:
-            atomic_write_json(tmp / TRAIN_STATE, train_state)
-            final = self.root / name
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
-            atomic_write_json(self.root / "latest.json", {"name": name, "step": step})
+            # latest.json still names the previous checkpoint if this write fails: drop the new one.
+            with storage_errors(final, f"checkpoint {final}", cleanup=lambda: shutil.rmtree(final, ignore_errors=True)):
+                atomic_write_json(self.root / "latest.json", {"name": name, "step": step})
             finished = sorted(p for p in self.root.glob("step-*") if p.is_dir())
             for old in finished[: -self.keep]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -192,18 +223,58 @@ class Checkpointer:
         """Restore model, optimizer and RNG states; return the saved ``train_state`` dict."""
         try:
             self.accelerator.load_state(str(path))
-            return read_json(path / TRAIN_STATE)
+            saved = read_json(path / TRAIN_STATE)
         except Exception as err:  # torch/safetensors/json raise many types for a damaged file
             raise CheckpointError(
                 f"checkpoint {path} could not be loaded ({type(err).__name__}: {err}); "
                 f"delete {self.root} to start the stage afresh"
             ) from err
+        self._check_rng_restored(path)
+        return saved
+
+    def _check_rng_restored(self, path: Path) -> None:
+        """Accelerate logs and ignores an RNG-state file it cannot load: resume would then go on with
+        other random numbers than the interrupted run, silently. Load it the way Accelerate does
+        (``weights_only``) and check that the torch RNG now holds its state."""
+        rng_file = path / f"{RNG_STATE_NAME}_{self.accelerator.process_index}.pkl"
+        needed = {"random_state", "numpy_random_seed", "torch_manual_seed"}
+        if torch.cuda.is_available():
+            needed.add("torch_cuda_manual_seed")
+        try:
+            states = accelerate_load(rng_file, weights_only=True)
+            problem = None
+            if missing := needed - set(states):
+                problem = f"no {', '.join(sorted(missing))}"
+            elif not torch.equal(torch.get_rng_state(), states["torch_manual_seed"]):
+                problem = "Accelerate did not restore it"
+        except Exception as err:  # missing, truncated, not a pickle, or more than plain data
+            problem = _short_reason(err)
+        if problem is not None:
+            raise CheckpointError(
+                f"damaged RNG state {rng_file} ({problem}); delete the checkpoint folder {path} and point "
+                f"{self.root / 'latest.json'} at the previous one to resume from it, or delete {self.root} "
+                "to start the stage afresh"
+            )
+
+
+def _short_reason(err: Exception) -> str:
+    """The gist of a load error. torch's own text runs to paragraphs, and for a file that holds more
+    than plain data it suggests ``weights_only=False``, which is not to be followed."""
+    if isinstance(err, pickle.UnpicklingError):
+        if "Unsupported global" in str(err):
+            return "it holds more than plain data, and loading that could run code"
+        return "not a readable torch file"
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    first = str(err).strip().split("\n")[0].split(". ")[0]
+    return f"{type(err).__name__}: {first}" if first else type(err).__name__
 
 
 def _save_weights(model: torch.nn.Module, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp))
-    tmp.replace(path)
+    with storage_errors(path, f"best weights {path}", cleanup=lambda: tmp.unlink(missing_ok=True)):
+        save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp))
+        tmp.replace(path)
 
 
 def best_weights(model: torch.nn.Module, state: TrainState, stage_dir: Path) -> torch.nn.Module:
@@ -212,6 +283,23 @@ def best_weights(model: torch.nn.Module, state: TrainState, stage_dir: Path) -> 
     if state.best_step >= 0 and path.exists():
         model.load_state_dict(load_file(str(path), device="cpu"))
     return model
+
+
+def _train_loader(train_set: Dataset, cfg: TrainConfig, accelerator: Accelerator) -> DataLoader:
+    """The shuffled training loader, with a generator of its own.
+
+    Every new iterator of a ``DataLoader`` draws its workers' base seed from ``generator``, the
+    global RNG when none is given. A resumed run makes iterators the uninterrupted run does not (the
+    one that skips the consumed batches; with persistent workers, the first epoch's in a new process)
+    right after the checkpoint restored the RNG, which shifted the model's dropout masks. The order of
+    the items comes from Accelerate's seedable sampler, which reseeds its own generator every epoch.
+    """
+    seed = (accelerator.dataloader_config.data_seed or 0) + accelerator.process_index
+    return DataLoader(
+        train_set, batch_size=cfg.batch_size, sampler=RandomSampler(train_set), drop_last=True,
+        num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
+        generator=torch.Generator().manual_seed(seed),
+    )
 
 
 def _batches(loader: DataLoader, accelerator: Accelerator, state: TrainState):
@@ -272,10 +360,7 @@ def fit(
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, cfg, accelerator.device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-    loader = DataLoader(
-        train_set, batch_size=cfg.batch_size, shuffle=True, drop_last=True, num_workers=cfg.num_workers,
-        persistent_workers=cfg.num_workers > 0,
-    )
+    loader = _train_loader(train_set, cfg, accelerator)
     if len(train_set) < cfg.batch_size * accelerator.num_processes:
         raise ConfigError("batch_size", f"{cfg.batch_size} per process is more than the {len(train_set)} training items allow")
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
@@ -328,5 +413,4 @@ def fit(
         if state.step % cfg.log_every == 0:
             window_start = time.perf_counter()  # evaluation and checkpoints do not count as training time
     progress.close()
-    accelerator.end_training()
     return state

@@ -2,12 +2,99 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import re
+import shutil
 import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from safetensors import SafetensorError
+
+from vqgen.errors import StorageError
+
+NEARLY_FULL_BYTES = 1 << 20
+"""Free space under which a serialiser's error that names no cause counts as a full disk: torch's
+writer reports ENOSPC as a bare ``RuntimeError`` ("unexpected pos ...", "basic_ios::clear")."""
+
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+_UNWRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
+_RESUME_HINT = "the stage resumes from its last finished checkpoint"
+
+
+def _existing(path: Path) -> Path:
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _mount_point(path: Path) -> Path:
+    path = _existing(path).resolve()
+    while not os.path.ismount(path):
+        path = path.parent
+    return path
+
+
+def _errno_of(err: BaseException) -> int | None:
+    """The errno behind a failed write. torch and safetensors raise their own types but keep the
+    system's words in the message ("... (os error 28)", "strerror: Read-only file system")."""
+    if isinstance(err, OSError) and err.errno:
+        return err.errno
+    text = str(err)
+    if match := re.search(r"os error (\d+)", text):
+        return int(match.group(1))
+    return next((code for code in _FULL + _UNWRITABLE if os.strerror(code) in text), None)
+
+
+def _storage_fault(err: BaseException, path: Path) -> str | None:
+    """"full", "read-only" or "denied" when the filesystem made writing ``path`` fail, else None."""
+    if not isinstance(err, (OSError, RuntimeError, SafetensorError)):
+        return None  # a bug, or a StorageError already named further in
+    code, where = _errno_of(err), _existing(path)
+    try:
+        read_only, free = bool(os.statvfs(where).f_flag & os.ST_RDONLY), shutil.disk_usage(where).free
+    except OSError:
+        return None  # the filesystem cannot even be asked: leave the original error as it is
+    if code in _FULL or (code is None and free < NEARLY_FULL_BYTES):
+        return "full"
+    if code == errno.EROFS or (code in _UNWRITABLE + (None,) and read_only):
+        return "read-only"
+    if code in _UNWRITABLE or (code is None and not os.access(where, os.W_OK)):
+        return "denied"
+    return None
+
+
+def _storage_message(fault: str, path: Path, what: str, err: BaseException) -> str:
+    mount = _mount_point(path)
+    if fault == "full":
+        free = shutil.disk_usage(mount).free / 2**20
+        return (f"no space left on device while writing {what} ({free:.1f} MiB free on {mount}); "
+                f"free space and run again: {_RESUME_HINT}")
+    if fault == "read-only":
+        return f"cannot write {what}: {mount} is mounted read-only; make it writable and run again: {_RESUME_HINT}"
+    return f"cannot write {what}: permission denied ({err}); fix the permissions and run again: {_RESUME_HINT}"
+
+
+@contextmanager
+def storage_errors(path: str | os.PathLike, what: str, cleanup: Callable[[], None] | None = None) -> Iterator[None]:
+    """Remove a failed write's leftovers (``cleanup``) and, where the filesystem is at fault (no
+    space, read-only, no permission), raise :class:`StorageError` naming ``what`` instead."""
+    try:
+        yield
+    except BaseException as err:
+        # Judged before the clean-up: the partial file is what filled the disk.
+        fault = _storage_fault(err, Path(path))
+        if cleanup is not None:
+            cleanup()
+        if fault is None:
+            raise
+        raise StorageError(_storage_message(fault, Path(path), what, err)) from err
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -17,17 +104,15 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     (rename is atomic within one filesystem).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
+    with storage_errors(path, str(path)):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with storage_errors(path, str(path), cleanup=lambda: Path(tmp).unlink(missing_ok=True)):
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

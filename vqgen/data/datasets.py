@@ -20,6 +20,9 @@ from __future__ import annotations
 
 import gzip
 import os
+import warnings
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
@@ -32,6 +35,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as TF
 
 from vqgen.data.procedural import EVAL_STREAM, TRAIN_STREAM, ProceduralShapes, option_problems
+from vqgen.configtools import schedule_field
 from vqgen.errors import ConfigError, DataError
 
 Split = Literal["train", "eval"]
@@ -41,6 +45,12 @@ EVAL_FOLDERS = ("eval", "test", "val")  # the first one present under a folder r
 HOLDOUT_EVERY = 10  # one item in ten goes to the hold-out eval split
 IDX_IMAGES_MAGIC = 2051
 IDX_LABELS_MAGIC = 2049
+NPZ_MAGIC = b"PK\x03\x04"  # an .npz is a zip archive of .npy files
+NPY_MAGIC = b"\x93NUMPY"
+JPEG_END_MARKER = b"\xff\xd9"  # EOI
+# How far from the end of a JPEG its end-of-image marker is looked for: some writers append
+# bytes after it (camera trailers, padding), and a few KB is still a cheap read.
+JPEG_TAIL_BYTES = 8192
 
 
 @dataclass(kw_only=True)
@@ -55,7 +65,7 @@ class DataConfig:
     """Side of the square images the model sees (a multiple of 8: the top codes are at 1/8)."""
     channels: int = 3
     """Channels the model sees: grey sources are repeated to 3, colour ones averaged to 1."""
-    download: bool = False
+    download: bool = schedule_field(False)
     """Let torchvision download CIFAR-10 / MNIST / Fashion-MNIST into ``root`` when missing."""
     num_train: int = 0
     """Use only the first N training images (0 = all)."""
@@ -292,8 +302,50 @@ def torchvision_source(cfg: DataConfig, split: Split) -> ArraySource:
 # --- npz --------------------------------------------------------------------------------------
 
 
+def open_npz(path: Path) -> np.lib.npyio.NpzFile:
+    """``path`` opened as an ``.npz`` (arrays are read lazily, never unpickled); a DataError naming
+    the file when it is not one. The zip header is checked first: ``np.load`` would otherwise take
+    any other file for a pickle and answer with advice about ``allow_pickle``."""
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(len(NPY_MAGIC))
+    except OSError as err:
+        raise DataError(f"cannot read {path}: {err.strerror or err}") from err
+    if magic.startswith(NPY_MAGIC):
+        raise DataError(f"{path} is a .npy file (a single array), not an .npz file; "
+                        "write one with np.savez(path, images=...)")
+    if not magic.startswith(NPZ_MAGIC):
+        raise DataError(f"{path} is not an .npz file (no zip header)")
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise DataError(f"{path} is not an .npz file (damaged zip archive: {err})") from err
+
+
+def _npy_dtype(member) -> np.dtype:
+    """The dtype in an ``.npy`` header, read without loading (or unpickling) the data."""
+    version = np.lib.format.read_magic(member)
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    return read_header(member)[2]
+
+
+def read_npz_array(arrays: np.lib.npyio.NpzFile, path: Path, key: str) -> np.ndarray:
+    """Array ``key`` of an open ``.npz``; a DataError naming the file and key when it is damaged or
+    holds Python objects. Object arrays are refused from their header, before any data is read:
+    loading them means unpickling, which can run code from the file."""
+    try:
+        with arrays.zip.open(f"{key}.npy") as member:
+            dtype = _npy_dtype(member)
+        if not dtype.hasobject:
+            return arrays[key]
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as err:
+        raise DataError(f"{path}: cannot read array {key!r} ({type(err).__name__}: {err})") from err
+    raise DataError(f"{path}: array {key!r} holds Python objects (dtype {dtype}), which vqgen does not load "
+                    "because unpickling them could run code from the file; store plain numeric arrays")
+
+
 def _npz_images(arrays, path: Path, key: str) -> np.ndarray:
-    images = arrays[key]
+    images = read_npz_array(arrays, path, key)
     if images.dtype != np.uint8:
         raise DataError(f"{path}: array {key!r} must be uint8 images, got dtype {images.dtype}")
     if images.ndim == 4 and images.shape[-1] not in (1, 3):
@@ -304,7 +356,7 @@ def _npz_images(arrays, path: Path, key: str) -> np.ndarray:
 
 
 def _npz_labels(arrays, path: Path, key: str, count: int) -> np.ndarray:
-    labels = arrays[key]
+    labels = read_npz_array(arrays, path, key)
     if labels.ndim != 1 or len(labels) != count:
         raise DataError(f"{path}: array {key!r} must hold {count} labels (shape [{count}]), got {labels.shape}")
     if not np.issubdtype(labels.dtype, np.integer):
@@ -323,23 +375,21 @@ def npz_source(cfg: DataConfig, split: Split) -> ArraySource:
     path = Path(cfg.root)
     if not path.is_file():
         raise DataError(f"npz file not found: {path}")
-    try:
-        arrays = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as err:
-        raise DataError(f"cannot read {path} as an .npz file: {err}") from err
-    with arrays:
+    with open_npz(path) as arrays:
         keys = set(arrays.files)
         split_key = "train_images" if split == "train" else "test_images"
         if split_key in keys:
-            image_key, label_key, subset = split_key, split_key.replace("images", "labels"), None
+            image_key, label_key = split_key, split_key.replace("images", "labels")
         elif "images" in keys:
-            image_key, label_key, subset = "images", "labels", holdout_indices(len(arrays["images"]), split)
+            image_key, label_key = "images", "labels"
         else:
             raise DataError(f"{path}: no {split_key!r} or 'images' array (arrays found: {sorted(keys)})")
         images = _npz_images(arrays, path, image_key)
         labels = _npz_labels(arrays, path, label_key, len(images)) if label_key in keys else None
-        label_keys = [k for k in ("labels", "train_labels", "test_labels") if k in keys]
-        num_classes = max((int(arrays[k].max()) + 1 for k in label_keys if arrays[k].size), default=0)
+        all_labels = [read_npz_array(arrays, path, k) for k in ("labels", "train_labels", "test_labels") if k in keys]
+    num_classes = max((int(a.max()) + 1 for a in all_labels if a.size and np.issubdtype(a.dtype, np.integer)),
+                      default=0)
+    subset = holdout_indices(len(images), split) if image_key == "images" else None
     if subset is not None:
         images = images[subset]
         labels = None if labels is None else labels[subset]
@@ -362,14 +412,44 @@ def list_image_files(folder: Path, exclude: frozenset[Path] = frozenset()) -> li
     return found
 
 
-def check_image_header(path: Path) -> str | None:
-    """``None`` when PIL can identify and verify ``path`` (no full decode), else the reason."""
+# Formats whose PIL ``verify`` notices truncation: PNG reads every chunk up to IEND (checking
+# CRCs) and WebP hands the whole file to libwebp. For JPEG it checks nothing past the header.
+_VERIFY_SEES_TRUNCATION = frozenset({"PNG", "WEBP"})
+
+
+def check_image_file(path: Path) -> str | None:
+    """``None`` when ``path`` holds a whole image that PIL can read, else the reason.
+
+    Cheap where a cheap check exists: PNG and WebP are verified by PIL without decoding, a JPEG
+    must also end with its end-of-image marker. Other formats (BMP, GIF) have no such check and
+    are decoded in full, which for them is cheap (no or LZW compression).
+    """
     try:
         with Image.open(path) as image:
+            is_jpeg = image.format in ("JPEG", "MPO")  # MPO: a camera's multi-picture JPEG
+            scan_start = image.fp.tell() if is_jpeg else 0
+            image_format = image.format
             image.verify()
+        if is_jpeg:
+            return _jpeg_end_problem(path, scan_start)
+        if image_format not in _VERIFY_SEES_TRUNCATION:
+            with Image.open(path) as image:  # verify() leaves an image unusable: open it again
+                image.load()
     except Exception as err:  # PIL raises many types on bad input (OSError, SyntaxError, struct.error...)
         return f"{type(err).__name__}: {err}"
     return None
+
+
+def _jpeg_end_problem(path: Path, scan_start: int) -> str | None:
+    """A JPEG cut short loses its final end-of-image marker. It is looked for in the last
+    ``JPEG_TAIL_BYTES``, but not before the image data starts (``scan_start``, where PIL stopped
+    reading the header): an EXIF thumbnail there has its own marker. Inside the image data the
+    bytes FF D9 cannot occur (a data byte FF is always followed by 00 or a restart marker)."""
+    with open(path, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        f.seek(max(scan_start, size - JPEG_TAIL_BYTES))
+        tail = f.read()
+    return None if JPEG_END_MARKER in tail else "truncated JPEG (no end-of-image marker)"
 
 
 class FolderSource:
@@ -377,15 +457,21 @@ class FolderSource:
 
     Split folders: ``root/eval``, ``root/test`` or ``root/val`` is the eval split when present (and ``root/train``,
     if present, the train split); otherwise both splits come from the deterministic hold-out.
-    Files are verified cheaply at construction (header + PIL ``verify``, no decoding; with
-    ``limit`` only until that many good files are found); data truncated past what that checks is
-    reported as a :class:`DataError` naming the file when it is loaded.
+    Files are checked at construction (see :func:`check_image_file`; with ``limit`` only until
+    that many good files are found): a bad one raises a :class:`DataError` naming it, or with
+    ``on_corrupt = "skip"`` is left out and listed in ``skipped`` (its reason in ``skip_reasons``).
+    A file that still fails to decode when loaded (changed since, or damaged in a way the check
+    does not see) raises a DataError naming it, or under ``"skip"`` is replaced by the next file
+    that decodes, with a warning, so an epoch is not lost to one file.
     """
 
     def __init__(self, root: Path, split: Split, on_corrupt: str, mode: str, limit: int = 0):
         if not root.is_dir():
             raise DataError(f"image folder not found: {root}")
         self.mode = mode
+        self.root = root
+        self.on_corrupt = on_corrupt
+        self._warned: set[Path] = set()
         eval_dir = next((root / d for d in EVAL_FOLDERS if (root / d).is_dir()), None)
         train_dir = root / "train" if eval_dir is not None and (root / "train").is_dir() else root
         exclude = frozenset(root / d for d in EVAL_FOLDERS) if eval_dir is not None else frozenset()
@@ -402,7 +488,8 @@ class FolderSource:
             extensions = ", ".join(sorted(IMAGE_EXTENSIONS))
             raise DataError(f"no image files ({extensions}) found for split {split!r} under {top}")
 
-        self.files, self.skipped = self._verified(files, on_corrupt, limit)
+        self.files, self.skip_reasons = self._verified(files, on_corrupt, limit)
+        self.skipped = list(self.skip_reasons)
         class_ids = {name: i for i, name in enumerate(self.class_names)}
         self.labels = [self._label(path, top, class_ids) for path in self.files]
         self.num_classes = len(self.class_names)
@@ -424,34 +511,53 @@ class FolderSource:
         return class_ids[parts[0]]
 
     @staticmethod
-    def _verified(files: list[Path], on_corrupt: str, limit: int) -> tuple[list[Path], list[Path]]:
-        good, skipped = [], []
+    def _verified(files: list[Path], on_corrupt: str, limit: int) -> tuple[list[Path], dict[Path, str]]:
+        """The good files, and the skipped ones with their reasons (in order)."""
+        good, skipped = [], {}
         for path in files:
             if limit and len(good) == limit:
                 break
-            problem = check_image_header(path)
+            problem = check_image_file(path)
             if problem is None:
                 good.append(path)
             elif on_corrupt == "skip":
-                skipped.append(path)
+                skipped[path] = problem
             else:
                 raise DataError(f"corrupt or unreadable image {path} ({problem}); "
                                 "set data.on_corrupt = \"skip\" to skip such files")
         if not good:
-            raise DataError(f"every image file was corrupt ({len(skipped)} skipped, e.g. {skipped[0]})")
+            first = next(iter(skipped))
+            raise DataError(f"every image file was corrupt ({len(skipped)} skipped, e.g. {first}: {skipped[first]})")
         return good, skipped
 
     def __len__(self) -> int:
         return len(self.files)
 
     def load(self, index: int) -> tuple[np.ndarray, int]:
-        path = self.files[index]
+        """Pixels and label of file ``index``; under ``"skip"`` those of the next file (index + 1,
+        + 2, ..., wrapping) that decodes, when this one does not."""
+        for offset in range(len(self.files)):
+            candidate = (index + offset) % len(self.files)
+            try:
+                return self._decode(self.files[candidate]), self.labels[candidate]
+            except DataError as err:
+                if self.on_corrupt != "skip":
+                    raise
+                self._warn_once(self.files[candidate], err)
+        raise DataError(f"no image file under {self.root} could be decoded")
+
+    def _decode(self, path: Path) -> np.ndarray:
         try:
             with Image.open(path) as image:
-                pixels = np.asarray(image.convert(self.mode))  # convert() decodes the whole file
-        except Exception as err:  # truncated data only shows up when decoding
+                return np.asarray(image.convert(self.mode))  # convert() decodes the whole file
+        except Exception as err:  # damaged data may only show up when decoding
             raise DataError(f"cannot decode image {path}: {type(err).__name__}: {err}") from err
-        return pixels, self.labels[index]
+
+    def _warn_once(self, path: Path, err: DataError) -> None:
+        if path not in self._warned:
+            self._warned.add(path)
+            warnings.warn(f"{err}; using the next image that decodes in its place "
+                          "(data.on_corrupt = \"skip\")", RuntimeWarning, stacklevel=3)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -473,6 +579,19 @@ class ImageDataset(Dataset):
         self.class_names = tuple(source.class_names)
         self.skipped_files = tuple(getattr(source, "skipped", ()))
         self.num_skipped = len(self.skipped_files)
+        self._skip_reasons: dict[Path, str] = dict(getattr(source, "skip_reasons", {}))
+        self._root: Path | None = getattr(source, "root", None)
+
+    def skipped_summary(self) -> str | None:
+        """One line for a log, e.g. ``skipped 2 corrupt image files (e.g. a/b.jpg: truncated JPEG
+        (no end-of-image marker))``; ``None`` when nothing was skipped."""
+        if not self.num_skipped:
+            return None
+        first = self.skipped_files[0]
+        shown = first.relative_to(self._root) if self._root and first.is_relative_to(self._root) else first
+        reason = self._skip_reasons.get(first, "unreadable")
+        files = "file" if self.num_skipped == 1 else "files"
+        return f"skipped {self.num_skipped} corrupt image {files} (e.g. {shown}: {reason})"
 
     def __len__(self) -> int:
         return self.length
@@ -519,3 +638,14 @@ def build_dataset(cfg: DataConfig, split: Split, augment: bool = False) -> Image
     transform = ImageTransform(cfg.image_size, cfg.channels, hflip=augment and cfg.hflip)
     limit = cfg.num_train if split == "train" else cfg.num_eval
     return ImageDataset(source, transform, limit)
+
+
+def skipped_files_report(**splits: ImageDataset) -> tuple[dict[str, int], list[str]]:
+    """Corrupt files the datasets left out (``data.on_corrupt = "skip"``): ``({"SPLIT_num_skipped":
+    n}, lines to log)``, so a stage records the count in its manifest and says it on the console."""
+    metrics, lines = {}, []
+    for split, dataset in splits.items():
+        metrics[f"{split}_num_skipped"] = dataset.num_skipped
+        if (summary := dataset.skipped_summary()) is not None:
+            lines.append(f"data ({split} split): {summary}")
+    return metrics, lines

@@ -12,6 +12,7 @@ without encoding the real data again.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -48,6 +49,14 @@ _LAYOUT_PROBES = {
 }
 _FC_SHAPES = {"fc.weight": (1008, FEATURE_DIM), "fc.bias": (1008,)}
 _NUM_KEYS_WITH_FC = 566
+
+# torch hub convention: the 8 hex digits in the standard file's name start its sha256.
+INCEPTION_SHA256_PREFIX = "6726825d"
+# The checksum `inception_tensors_sha256` gives for the standard FID Inception's tensors other than
+# fc.weight/fc.bias (which FID never reads). Computed from pt_inception-2015-12-05-nofc.pth, a state
+# dict holding exactly those 564 tensors (its file sha256 is b1d7825e...); the standard 6726825d
+# file holds the same network, saved differently (legacy format, other strides).
+INCEPTION_TENSORS_SHA256 = "acfa230643f38c90d8a3db66aebb4a6f868cba6fd57959b1c969640cf8d918a3"
 
 # Something that turns uint8 images [N, C, H, W] into features [N, D].
 FeatureExtractor = Callable[[Tensor], Tensor]
@@ -89,10 +98,18 @@ def load_inception_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
     """Read and check an FID Inception state dict (``torch.load(weights_only=True)``, no pickle code).
 
     Files without ``fc.weight``/``fc.bias`` (only needed for logits, never for FID) are accepted.
-    A truncated file, something that is not a state dict, or the wrong layout raises
-    :class:`CheckpointError` naming the file.
+    A truncated file, something that is not a state dict, the wrong layout, or the right layout
+    with other values (see :func:`inception_tensors_sha256`) raises :class:`CheckpointError`
+    naming the file.
     """
     path = Path(path)
+    state = _read_inception_state_dict(path)
+    _check_inception_values(path, state)
+    return state
+
+
+def _read_inception_state_dict(path: Path) -> dict[str, Tensor]:
+    """The tensors of ``path``, checked for the FID Inception's keys and a few shapes (not values)."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for a damaged file; all mean "unreadable"
@@ -107,6 +124,40 @@ def load_inception_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
     state = dict(state)
     _check_inception_layout(path, state)
     return state
+
+
+def inception_tensors_sha256(state: Mapping[str, Tensor]) -> str:
+    """A checksum of a state dict's values that does not depend on how the file was saved
+    (zip or legacy format, strides, storage sharing): sha256 over the keys not starting with
+    ``fc.``, in sorted order, each as ``"{key}\\0{dtype}\\0{shape}\\0"`` (e.g.
+    ``"Conv2d_1a_3x3.conv.weight\\0torch.float32\\0(32, 3, 3, 3)\\0"``, UTF-8) followed by the
+    tensor's bytes (CPU, contiguous, native byte order, i.e. little-endian on every usual machine)."""
+    digest = hashlib.sha256()
+    for key in sorted(k for k in state if not k.startswith("fc.")):
+        tensor = state[key].detach().cpu().contiguous()
+        digest.update(f"{key}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def _check_inception_values(path: Path, state: dict[str, Tensor], file_sha256: str | None = None) -> None:
+    """CheckpointError unless ``state`` holds the standard FID Inception's values.
+
+    Tensors of the right shapes but other values load and run, and give FIDs that cannot be
+    compared with anyone else's (or non-finite ones). The file's own sha256 prefix is accepted
+    too, so the standard file passes even if one of its tensors differed from the reconstructed
+    file the tensor checksum was taken from.
+    """
+    checksum = inception_tensors_sha256(state)
+    if checksum == INCEPTION_TENSORS_SHA256:
+        return
+    if (file_sha256 or sha256_file(path)).startswith(INCEPTION_SHA256_PREFIX):
+        return
+    raise CheckpointError(
+        f"{path}: not the standard FID Inception weights (tensor checksum {checksum[:16]}..., expected "
+        f"{INCEPTION_TENSORS_SHA256[:16]}...; or a file whose sha256 starts with {INCEPTION_SHA256_PREFIX}); "
+        "FIDs computed with other weights are not comparable with published ones"
+    )
 
 
 def _check_inception_layout(path: Path, state: dict[str, Tensor]) -> None:
@@ -175,8 +226,11 @@ class InceptionFeatures(nn.Module):
         super().__init__()
         self.weights_path = resolve_inception_weights(weights)
         self.weights_sha256 = sha256_file(self.weights_path)  # part of every reference-stats key
-        state = load_inception_state_dict(self.weights_path)
+        state = _read_inception_state_dict(self.weights_path)
+        # The network's strict load first: it names a tensor of the wrong shape, where the
+        # values check could only say that the weights differ.
         self.net = _build_inception_network(state, self.weights_path)
+        _check_inception_values(self.weights_path, state, self.weights_sha256)
         # channels_last: about 1.9x faster on a CPU (5.6 -> 11.7 images/s on 2 cores), features
         # equal to 1e-5; the convolutions' preferred layout on GPUs too.
         self.to(device, memory_format=torch.channels_last)
@@ -359,6 +413,26 @@ def frechet_distance(a: FeatureStats, b: FeatureStats) -> float:
     if a.mean.shape != b.mean.shape or a.cov.shape != b.cov.shape:
         sizes = f"{tuple(a.mean.shape)}/{tuple(a.cov.shape)} vs {tuple(b.mean.shape)}/{tuple(b.cov.shape)}"
         raise ValueError(f"frechet_distance: statistics of different sizes, {sizes}")
+    for which, stats in (("first", a), ("second", b)):
+        if not (torch.isfinite(stats.mean).all() and torch.isfinite(stats.cov).all()):
+            named = f" ({stats.key})" if stats.key else ""
+            raise DataError(_degenerate(f"the {which} statistics{named} hold NaN or inf values"))
+    try:
+        distance = _frechet_distance(a, b)
+    except torch.linalg.LinAlgError as err:  # eigh does not converge on some ill-conditioned input
+        raise DataError(_degenerate(f"eigen-decomposition failed: {err}")) from err
+    if not math.isfinite(distance):
+        raise DataError(_degenerate(f"the distance came out as {distance}"))
+    return distance
+
+
+def _degenerate(detail: str) -> str:
+    return (f"FID statistics are degenerate ({detail}). Likely cause: Inception weights that are not "
+            "the standard FID ones or are damaged, or a damaged cached statistics file; with the "
+            "standard weights every uint8 image gives finite features")
+
+
+def _frechet_distance(a: FeatureStats, b: FeatureStats) -> float:
     mu_a, mu_b = a.mean.double(), b.mean.double()
     cov_a, cov_b = _symmetric(a.cov.double()), _symmetric(b.cov.double())
     eigvals_a, eigvecs_a = torch.linalg.eigh(cov_a)

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from vqgen.configtools import from_dict
 from vqgen.errors import CheckpointError, ConfigError
-from vqgen.utils import atomic_write_json, sha256_file
+from vqgen.utils import atomic_write_json, sha256_file, storage_errors
 
 FORMAT = "vqgen-model"
 FORMAT_VERSION = 1
@@ -46,12 +46,14 @@ def export_model(model: torch.nn.Module, config, directory: Path, name: str = "m
     """
     class_name = type(model).__name__
     _classes(class_name)  # refuse to export a class that could not be loaded back
-    directory.mkdir(parents=True, exist_ok=True)
+    with storage_errors(directory, f"model export {directory / name}"):
+        directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     weights = directory / f"{name}.safetensors"
     tmp = directory / f".{name}.safetensors.tmp"
-    save_file(state, str(tmp))
-    tmp.replace(weights)
+    with storage_errors(weights, f"model export {weights}", cleanup=lambda: tmp.unlink(missing_ok=True)):
+        save_file(state, str(tmp))
+        tmp.replace(weights)
     checksum = sha256_file(weights)
     atomic_write_json(
         directory / f"{name}.json",
