@@ -59,24 +59,32 @@ class TinyPipeline:
     def run_dir(self) -> Path:
         return self.root / "runs" / self.name
 
-    def command(self, *args: str, procs: int = 1, sets: tuple[str, ...] = ()) -> list[str]:
-        launcher = [sys.executable]
-        if procs > 1:
-            launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs)]
+    def command(self, *args: str, procs: int = 1, sets: tuple[str, ...] = (), launcher: str = "torchrun") -> list[str]:
+        launch = [sys.executable]
+        if procs > 1 and launcher == "torchrun":
+            launch += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs)]
+        elif procs > 1:  # accelerate's multi-process launcher; ACCELERATE_USE_CPU keeps it on gloo
+            launch += ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(procs),
+                       "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                       "--main_process_port", "0"]
         base = [f"run.out_dir={self.root / 'runs'}", f"run.name={self.name}",
                 f"evaluate.inception_weights={self.weights}"]
         overrides = [item for s in (*base, *sets) for item in ("--set", s)]
-        return [*launcher, "-m", "vqgen.cli", *args, str(TINY_PIPELINE), *overrides]
+        # The config comes after the command (and the stage's name): `fid CONFIG SAMPLES` needs it there.
+        head = 2 if args[0] == "stage" else 1
+        return [*launch, "-m", "vqgen.cli", *args[:head], str(TINY_PIPELINE), *args[head:], *overrides]
 
-    def start(self, *args: str, procs: int = 1, sets: tuple[str, ...] = (), wrap: tuple[str, ...] = ()) -> subprocess.Popen:
+    def start(self, *args: str, procs: int = 1, sets: tuple[str, ...] = (), wrap: tuple[str, ...] = (),
+              launcher: str = "torchrun") -> subprocess.Popen:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "ACCELERATE_USE_CPU": "1"}
         # A session of its own, so a test can kill the launcher and every process it started.
-        return subprocess.Popen([*wrap, *self.command(*args, procs=procs, sets=sets)], cwd=self.root, env=env,
+        command = self.command(*args, procs=procs, sets=sets, launcher=launcher)
+        return subprocess.Popen([*wrap, *command], cwd=self.root, env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
     def __call__(self, *args: str, procs: int = 1, sets: tuple[str, ...] = (), rc: int = 0,
-                 wrap: tuple[str, ...] = ()) -> str:
-        proc = self.start(*args, procs=procs, sets=sets, wrap=wrap)
+                 wrap: tuple[str, ...] = (), launcher: str = "torchrun") -> str:
+        proc = self.start(*args, procs=procs, sets=sets, wrap=wrap, launcher=launcher)
         out, _ = proc.communicate(timeout=900)
         assert proc.returncode == rc, f"exit {proc.returncode}, expected {rc}:\n{out[-6000:]}"
         return out

@@ -83,3 +83,14 @@ def test_two_processes_end_to_end_kill_and_resume(tiny_pipeline):
     assert manifest(one.run_dir, "extract-codes")["fingerprint"] == manifest(run_dir, "extract-codes")["fingerprint"]
     np.testing.assert_array_equal(samples(one.run_dir), samples(run_dir))
 
+
+
+def test_accelerate_launch_three_processes(tiny_pipeline):
+    """`accelerate launch` (the README's command) with three processes: every stage finishes, each
+    image is encoded by exactly one process and each sample batch drawn by one."""
+    out = tiny_pipeline("run", procs=3, launcher="accelerate")
+    assert set(actions(out).values()) == {"run"} and len(actions(out)) == 6, out[-3000:]
+    run_dir = tiny_pipeline.run_dir
+    assert manifest(run_dir, "extract-codes")["metrics"]["train_images_per_process"] == [22, 21, 21]
+    assert manifest(run_dir, "sample")["metrics"]["samples_per_process"] == [4, 4, 0]
+    assert tiny_pipeline("run", procs=3, launcher="accelerate").count("up to date, skipped") == 6

@@ -93,6 +93,7 @@ def test_each_change_reruns_exactly_the_stages_that_depend_on_it(tiny_pipeline):
     assert "data.seed: 0 -> 7" in out and "resumed from" not in out
     assert manifest(run_dir, "extract-codes")["fingerprint"] != old_codes
     assert manifest(run_dir, "train-vqvae")["fingerprint"] != first_vqvae
+    assert not any((run_dir / ".previous").iterdir())  # each old folder went when its stage finished
     expect(rerun())
 
     # One stage through `vqgen stage`: the same rules (here: continue, as nothing changed).
@@ -171,3 +172,29 @@ def test_read_only_run_folder(tiny_pipeline, tmp_path):
     out = tiny_pipeline("run", sets=("sample.seed=5",), rc=2, wrap=read_only)
     assert "cannot be written" in out and "stage sample would have to run" in out and "Traceback" not in out
     assert (run_dir / "config.toml").read_bytes() == config_before
+
+
+def test_skipped_corrupt_images_are_logged_and_counted(tiny_pipeline, tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(folder / f"{i:02d}.jpg")
+    cut = folder / "05.jpg"  # a train image (the hold-out takes every tenth)
+    cut.write_bytes(cut.read_bytes()[: int(cut.stat().st_size * 0.9)])  # passes a header check
+    data = ("data.kind=folder", f"data.root={folder}", "data.on_corrupt=skip")
+
+    out = tiny_pipeline("stage", "train-vqvae", sets=data)
+    assert "data (train split): skipped 1 corrupt image file (e.g. 05.jpg: truncated JPEG" in out
+    metrics = manifest(tiny_pipeline.run_dir, "train-vqvae")["metrics"]
+    assert metrics["train_num_skipped"] == 1 and metrics["eval_num_skipped"] == 0
+
+    refused = tiny_pipeline("stage", "train-vqvae", sets=(*data[:2], "data.on_corrupt=error"), rc=2)
+    assert "05.jpg" in refused and "Traceback" not in refused
+    # The change failed, and lost nothing: back to the old config, the trained stage is there.
+    unlabelled = ("prior.bottom.class_conditional=false", "prior.top.class_conditional=false")
+    out = tiny_pipeline("run", sets=(*data, *unlabelled))
+    assert "train-vqvae: up to date, skipped (its folder from before the last config change, brought back)" in out
+    assert not (tiny_pipeline.run_dir / ".previous" / "vqvae").exists()

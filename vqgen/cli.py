@@ -12,6 +12,7 @@ Multi-GPU / multi-node: the same commands under ``accelerate launch -m vqgen.cli
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 
 from vqgen.errors import VQGenError
@@ -98,6 +99,14 @@ def main(argv: list[str] | None = None) -> int:
             run_single_stage(cfg, name)
     except VQGenError as err:
         print(f"vqgen: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        # The writes that matter name the file themselves (StorageError); this catches the rest.
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            raise
+        print(f"vqgen: error: {err.strerror} while writing {err.filename or 'a file'}; free space or make "
+              "the run folder writable and run again: finished stages are kept, and an interrupted one "
+              "continues from its last checkpoint", file=sys.stderr)
         return 2
     finally:
         from vqgen.distributed import shutdown

@@ -9,8 +9,11 @@ picture intervals, workers; see :func:`vqgen.configtools.schedule_field`). Then:
 - same definition, otherwise → run, continuing from its own checkpoints and partial outputs (a
   longer ``train.steps`` continues training; damaged outputs are deleted and made again);
 - another definition, or a folder with no record of the definition its files came from →
-  restarted: the stage folder is deleted first, so nothing made under the old inputs survives, and
-  since the stage's outputs change, every stage that reads them restarts in turn.
+  restarted from an empty folder, so nothing made under the old inputs survives in the run, and
+  since the stage's outputs change, every stage that reads them restarts in turn. The old folder is
+  set aside in ``RUN/.previous/`` until the new one finishes, and deleted then: a change that fails
+  (a typo in a data path, a corrupt file) loses nothing, and going back to the old config brings
+  the old folder back instead of redoing its work.
 
 The decision is taken on the main process and shared, so all processes of a launch agree.
 """
@@ -30,7 +33,7 @@ from vqgen.distributed import on_main_process, process_state
 from vqgen.errors import ConfigError, VQGenError
 from vqgen.manifest import (
     MANIFEST, STARTED, Decision, StageResult, StageSpec, damaged_outputs, decide, output_fingerprint,
-    read_manifest, write_manifest, write_started,
+    read_manifest, read_started, write_manifest, write_started,
 )
 from vqgen.runlock import RunLock
 from vqgen.train import make_accelerator
@@ -109,14 +112,36 @@ def upstream_fingerprints(cfg: PipelineConfig, stage: Stage, dirs: dict[str, str
     return inputs
 
 
-def _clear(stage_dir: Path) -> None:
-    """Delete a stage folder's work. The records go first: a kill midway leaves files with no
-    record, which the next run deletes too."""
+PREVIOUS = ".previous"
+
+
+def _delete(folder: Path) -> None:
+    """Delete a stage folder. Its records go first: a kill midway leaves files with no record,
+    which the next run sets aside as well."""
     for record in (STARTED, MANIFEST):
-        (stage_dir / record).unlink(missing_ok=True)
-    shutil.rmtree(stage_dir, ignore_errors=True)
+        (folder / record).unlink(missing_ok=True)
+    shutil.rmtree(folder, ignore_errors=True)
+    if folder.exists():
+        raise VQGenError(f"cannot delete {folder}: remove it by hand")
+
+
+def _swap_in_previous(stage_dir: Path, previous: Path, spec: StageSpec) -> bool:
+    """Set the stage folder aside in ``previous``; when ``previous`` already holds the work of
+    ``spec``'s definition (the config went back), that work comes back into the stage folder."""
+    restore = (read_started(previous) or {}).get("definition_hash") == spec.definition_hash
+    previous.parent.mkdir(exist_ok=True)
+    swap = previous.with_name(previous.name + ".swap")
+    if swap.exists():
+        _delete(swap)
+    if restore:
+        previous.rename(swap)
+    elif previous.exists():
+        _delete(previous)
     if stage_dir.exists():
-        raise VQGenError(f"cannot delete {stage_dir} to restart its stage: remove it by hand")
+        stage_dir.rename(previous)
+    if restore:
+        swap.rename(stage_dir)
+    return restore
 
 
 def _remove(path: Path) -> None:
@@ -137,8 +162,12 @@ def _prepare(cfg: PipelineConfig, stage: Stage, dirs: dict[str, str], force: boo
     if not writable:
         raise VQGenError(f"run folder {cfg.run_dir} cannot be written (read-only?), and stage {stage.name} "
                          f"would have to run: {decision.reason}")
-    if decision.action == "restart":
-        _clear(stage_dir)
+    previous = cfg.run_dir / PREVIOUS / stage.dir
+    if decision.action == "restart" and _swap_in_previous(stage_dir, previous, spec):
+        decision = decide(stage_dir, spec, force)
+        if decision.action == "skip":  # finished work is back: the attempt it replaced goes
+            _delete(previous)
+            return "restored", decision.reason, spec
     (stage_dir / MANIFEST).unlink(missing_ok=True)  # the folder is about to change: not finished
     for name in decision.damaged:
         _remove(stage_dir / name)
@@ -151,11 +180,16 @@ def run_stage(cfg: PipelineConfig, stage: Stage, dirs: dict[str, str], force: bo
     """Skip, continue or restart one stage (see the module docstring). Returns its manifest."""
     action, reason, spec = on_main_process(lambda: _prepare(cfg, stage, dirs, force, writable))
     state = process_state()
-    if action == "skip":
-        state.print(f"[vqgen] {stage.name}: up to date, skipped")
+    previous = cfg.run_dir / PREVIOUS / stage.dir
+    if action in ("skip", "restored"):
+        kept = " (its folder from before the last config change, brought back)" if action == "restored" else ""
+        state.print(f"[vqgen] {stage.name}: up to date, skipped{kept}")
         return read_manifest(cfg.run_dir / stage.dir)
-    verb = "restarting from scratch" if action == "restart" else "running"
-    state.print(f"[vqgen] {stage.name}: {verb} ({reason})")
+    if action == "restart":
+        state.print(f"[vqgen] {stage.name}: restarting from scratch ({reason}); the old folder waits in "
+                    f"{previous} until this one finishes")
+    else:
+        state.print(f"[vqgen] {stage.name}: running ({reason})")
     stage_dir = cfg.run_dir / stage.dir
     accelerator = make_accelerator(
         stage_dir, mixed_precision=cfg.run.mixed_precision, tracker=cfg.run.tracker, seed=cfg.run.seed
@@ -164,7 +198,14 @@ def run_stage(cfg: PipelineConfig, stage: Stage, dirs: dict[str, str], force: bo
     accelerator.wait_for_everyone()
     for tracker in accelerator.trackers:
         tracker.finish()
-    return on_main_process(lambda: write_manifest(stage_dir, stage.name, spec, result))
+
+    def finish() -> dict:
+        manifest = write_manifest(stage_dir, stage.name, spec, result)
+        if previous.exists():  # the stage is done: what it replaced goes
+            _delete(previous)
+        return manifest
+
+    return on_main_process(finish)
 
 
 def _open_run(cfg: PipelineConfig) -> tuple[RunLock, bool]:

@@ -8,6 +8,8 @@ from typing import Any, Literal
 
 from accelerate.tracking import GeneralTracker
 
+from vqgen.utils import storage_errors
+
 TrackerKind = Literal["csv", "tensorboard", "none"]
 
 
@@ -43,10 +45,11 @@ class CSVTracker(GeneralTracker):
     def log(self, values: dict[str, Any], step: int | None = None, **kwargs) -> None:
         row = {"step": step, **{k: _scalar(v) for k, v in values.items()}}
         new = [k for k in row if k not in self.columns]
-        if new:
-            self._widen(self.columns + new)
-        with open(self.path, "a", newline="") as f:
-            csv.DictWriter(f, fieldnames=self.columns).writerow(row)
+        with storage_errors(self.path, f"metrics log {self.path}"):
+            if new:
+                self._widen(self.columns + new)
+            with open(self.path, "a", newline="") as f:
+                csv.DictWriter(f, fieldnames=self.columns).writerow(row)
 
     def _widen(self, columns: list[str]) -> None:
         rows = []

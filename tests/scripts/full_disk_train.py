@@ -16,25 +16,15 @@ import torch
 from vqgen.errors import StorageError
 from vqgen.evaluation import prior_loss_fn
 from vqgen.models.export import export_model, load_model
-from vqgen.models.pixelcnn import GatedPixelCNN, PriorConfig
+from vqgen.models.pixelcnn import GatedPixelCNN
 from vqgen.train import TrainConfig, _save_weights, fit, make_accelerator
 from vqgen.utils import atomic_write_bytes, read_json
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from test_resume import PRIOR, Codes  # noqa: E402  (the same tiny prior and code maps)
+
 torch.set_num_threads(1)
 PAGE = 4096
-PRIOR = PriorConfig(num_codes=8, shape=(4, 4), channels=8, num_layers=2, kernel_size=3, num_heads=1,
-                    dropout=0.1, kernel_backend="torch")
-
-
-class Codes(torch.utils.data.Dataset):
-    def __init__(self):
-        self.top = torch.randint(0, PRIOR.num_codes, (40, *PRIOR.shape), generator=torch.Generator().manual_seed(1))
-
-    def __len__(self):
-        return len(self.top)
-
-    def __getitem__(self, i):
-        return {"top": self.top[i], "label": 0}
 
 
 def train(stage_dir: Path, steps: int) -> GatedPixelCNN:
