@@ -20,7 +20,7 @@ import time
 import torch
 
 from vqgen.models.pixelcnn import GatedPixelCNN, PriorConfig
-from vqgen.sampling import SamplerConfig, choose_codes, sample_cached
+from vqgen.sampling import SamplerConfig, choose_codes, sample
 
 
 def build(args) -> tuple[GatedPixelCNN, torch.Tensor | None]:
@@ -84,14 +84,14 @@ def main() -> None:
     prior, condition = build(args)
     positions = args.shape[0] * args.shape[1]
     gen = lambda: torch.Generator(device=args.device).manual_seed(1)  # noqa: E731
-    sample_cached(prior, args.batch, condition=condition, generator=gen())  # warm-up
-    cached_s, codes = timed(lambda: sample_cached(prior, args.batch, condition=condition, generator=gen()), args.device)
+    sample(prior, args.batch, condition=condition, generator=gen())  # warm-up
+    cached_s, codes = timed(lambda: sample(prior, args.batch, condition=condition, generator=gen()), args.device)
     result = {"level": args.level, "shape": args.shape, "batch": args.batch, "channels": args.channels,
               "layers": args.layers, "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
               "threads": torch.get_num_threads(), "cached_seconds": cached_s,
               "cached_samples_per_sec": args.batch / cached_s}
     if args.cuda_graphs:
-        graphed = lambda: sample_cached(prior, args.batch, condition=condition, generator=gen(), cuda_graphs=True)  # noqa: E731
+        graphed = lambda: sample(prior, args.batch, condition=condition, generator=gen(), cuda_graphs=True)  # noqa: E731
         graphed()  # warm-up (the capture itself is inside each call and is timed, as a user pays it)
         graphed_s, graphed_codes = timed(graphed, args.device)
         result.update(graphed_seconds=graphed_s, graphed_samples_per_sec=args.batch / graphed_s,

@@ -9,7 +9,6 @@ Inception weights, so scoring new samples does not encode the real data again.
 from __future__ import annotations
 
 import json
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -17,26 +16,20 @@ import torch
 from accelerate import Accelerator
 
 from vqgen.config import EvaluateStageConfig
-from vqgen.configtools import split_by_role
-from vqgen.data.codes import inspect_store
-from vqgen.data.datasets import DataConfig, build_dataset, to_uint8
+from vqgen.data.code_inspection import inspect_store
+from vqgen.data.datasets import DataConfig, to_uint8
 from vqgen.data.samples import load_samples
-from vqgen.errors import DataError
-from vqgen.manifest import StageResult, read_manifest
-from vqgen.metrics import InceptionFeatures, cached_reference_stats, reference_stats_key, score_images
+from vqgen.manifest import read_manifest
+from vqgen.stage import Stage, StageResult
+from vqgen.metrics import InceptionFeatures, score_images
 from vqgen.metrics.image import psnr
 from vqgen.models.export import load_model
 from vqgen.pictures import draw_curves, image_grid, save_png, stack_panels
+from vqgen.scoring import real_batches, reference_stats
 from vqgen.tracking import read_metrics_csv
-from vqgen.utils import atomic_write_json, sha256_json
+from vqgen.utils import atomic_write_json
 
 DIR = "eval"
-
-
-def real_batches(dataset, count: int, batch_size: int):
-    """uint8 batches of the first ``count`` images of ``dataset``."""
-    for start in range(0, count, batch_size):
-        yield to_uint8(torch.stack([dataset[i][0] for i in range(start, min(count, start + batch_size))]))
 
 
 @torch.no_grad()
@@ -76,41 +69,13 @@ def write_report(path: Path, samples: np.ndarray, originals, recons, run_dir: Pa
     save_png(stack_panels(panels), path)
 
 
-def run(cfg: EvaluateStageConfig, data: DataConfig, run_dir: Path, accelerator: Accelerator) -> StageResult:
+def run(sections: dict, run_dir: Path, accelerator: Accelerator) -> StageResult:
+    cfg, data = sections["evaluate"], sections["data"]
     metrics: dict = {}
     if accelerator.is_main_process:  # FID is computed on one process; the others wait
         metrics = evaluate(cfg, data, run_dir, accelerator.device)
     accelerator.wait_for_everyone()
     return StageResult({"metrics": "metrics.json", "report": "report.png"}, metrics, files=("metrics.json",))
-
-
-def reference_stats(cfg: EvaluateStageConfig, data: DataConfig, out_dir: Path, extractor):
-    """``(statistics, eval_set, count)`` of the real evaluation images, from the cache in
-    ``stats_cache`` (default ``out_dir/fid-stats``) when it holds them for this data and weights."""
-    eval_set = build_dataset(data, "eval")
-    num_real = min(cfg.num_real or len(eval_set), len(eval_set))
-    key = reference_stats_key(sha256_json(split_by_role(data)[0]), num_real, extractor.weights_sha256, split="eval")
-    cache_dir = Path(cfg.stats_cache) if cfg.stats_cache else out_dir / "fid-stats"
-    cache = cache_dir / f"{data.kind}-{sha256_json(key)[:16]}.safetensors"
-    stats = cached_reference_stats(
-        cache, key, lambda: real_batches(eval_set, num_real, cfg.batch_size), extractor, batch_size=cfg.batch_size, progress=True
-    )
-    return stats, eval_set, num_real
-
-
-def score_samples_file(cfg: EvaluateStageConfig, data: DataConfig, samples_path: Path, out_dir: Path, device) -> dict:
-    """FID of any samples file (uint8 ``images [N, C, H, W]``, the sample stage's format) against
-    the evaluation images of ``data``: ``vqgen fid``."""
-    if not samples_path.is_file():
-        raise DataError(f"samples file not found: {samples_path}")
-    try:
-        samples, _ = load_samples(samples_path)
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
-        raise DataError(f"cannot read samples file {samples_path}: {err}") from err
-    extractor = InceptionFeatures(cfg.inception_weights or None, device=device)
-    reference, _, num_real = reference_stats(cfg, data, out_dir, extractor)
-    fid = score_images(samples, reference, extractor, batch_size=cfg.batch_size, progress=True)
-    return {"fid": fid, "fid_num_samples": int(len(samples)), "fid_num_real": num_real}
 
 
 def evaluate(cfg: EvaluateStageConfig, data: DataConfig, run_dir: Path, device) -> dict:
@@ -141,3 +106,8 @@ def evaluate(cfg: EvaluateStageConfig, data: DataConfig, run_dir: Path, device) 
     write_report(stage_dir / "report.png", samples, originals, recons, run_dir, metrics)
     print(json.dumps(metrics, indent=2))
     return metrics
+
+
+# The VQ-VAE (reconstructions), the codes (usage), the priors (bits/dim) and the samples.
+STAGES = (Stage("evaluate", DIR, ("run", "data", "evaluate"),
+                ("train-vqvae", "extract-codes", "train-prior-top", "train-prior-bottom", "sample"), run),)

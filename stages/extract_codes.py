@@ -21,10 +21,10 @@ from tqdm.auto import tqdm
 
 from vqgen.config import CodesStageConfig
 from vqgen.configtools import split_by_role
-from vqgen.data.codes import CodeLevel, CodeStoreWriter, inspect_store, make_meta, read_store_meta, store_checksum
+from vqgen.data import CodeLevel, CodeStoreWriter, inspect_store, make_meta, read_store_meta, store_checksum
 from vqgen.data.datasets import DataConfig, build_dataset, skipped_files_report
 from vqgen.distributed import shard_indices
-from vqgen.manifest import StageResult
+from vqgen.stage import Stage, StageResult
 from vqgen.models.export import load_model
 from vqgen.utils import sha256_json
 
@@ -87,7 +87,9 @@ def extract_split(model, dataset, path: Path, meta: dict, cfg: CodesStageConfig,
     return done, rate
 
 
-def run(cfg: CodesStageConfig, data: DataConfig, run_dir: Path, accelerator: Accelerator) -> StageResult:
+def run(sections: dict, run_dir: Path, accelerator: Accelerator) -> StageResult:
+    cfg: CodesStageConfig = sections["codes"]
+    data: DataConfig = sections["data"]
     stage_dir = run_dir / DIR
     stage_dir.mkdir(parents=True, exist_ok=True)
     model, vq_cfg, checksum = load_model(run_dir / "vqvae", device=accelerator.device)
@@ -112,3 +114,6 @@ def run(cfg: CodesStageConfig, data: DataConfig, run_dir: Path, accelerator: Acc
             content[f"{name}/data.mdb"] = store_checksum(stage_dir / name)
     outputs["vqvae_sha256"] = checksum
     return StageResult(outputs, metrics, files=tuple(content), content=content)
+
+
+STAGES = (Stage("extract-codes", DIR, ("run", "data", "codes"), ("train-vqvae",), run),)

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from vqgen.config import SampleStageConfig
 from vqgen.configtools import split_by_role
 from vqgen.distributed import shard_indices
-from vqgen.manifest import StageResult
+from vqgen.stage import Stage, StageResult
 from vqgen.models.export import load_model, read_export_info
 from vqgen.data.datasets import to_uint8
 from vqgen.data.samples import load_samples, save_samples
@@ -73,7 +73,8 @@ def sample_batch(cfg: SampleStageConfig, models, batch: int, n: int, device, pro
     return images, (labels.cpu() if labels is not None else torch.full((n,), -1))
 
 
-def run(cfg: SampleStageConfig, run_dir: Path, accelerator: Accelerator) -> StageResult:
+def run(sections: dict, run_dir: Path, accelerator: Accelerator) -> StageResult:
+    cfg: SampleStageConfig = sections["sample"]
     stage_dir = run_dir / DIR
     parts = stage_dir / "parts"
     if accelerator.is_main_process:
@@ -107,3 +108,6 @@ def run(cfg: SampleStageConfig, run_dir: Path, accelerator: Accelerator) -> Stag
         content["samples.npz"] = hashlib.sha256(repr(images.shape).encode() + images.tobytes() + labels.tobytes()).hexdigest()
     return StageResult({"samples": "samples.npz", "grid": "grid.png", "count": cfg.num_samples}, metrics,
                        files=("samples.npz",), content=content)
+
+
+STAGES = (Stage("sample", DIR, ("run", "sample"), ("train-vqvae", "train-prior-top", "train-prior-bottom"), run),)

@@ -12,6 +12,7 @@ the bottom one especially, overfit long before the last step.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from pathlib import Path
 from typing import Literal
@@ -21,11 +22,11 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader
 
 from vqgen.config import PriorStageConfig
-from vqgen.data.codes import CodeDataset
+from vqgen.data.code_dataset import CodeDataset
 from vqgen.distributed import shard_loader
 from vqgen.errors import ConfigError
 from vqgen.evaluation import prior_bits_per_dim, prior_loss_fn
-from vqgen.manifest import StageResult
+from vqgen.stage import Stage, StageResult
 from vqgen.models.export import export_model, load_model
 from vqgen.models.pixelcnn import GatedPixelCNN, PriorConfig
 from vqgen.pictures import save_grid
@@ -84,7 +85,8 @@ def write_samples(prior, level: Level, run_dir: Path, eval_store, n: int, path: 
     save_grid(vqvae.decode_codes(top.to(device), bottom.to(device)).float().cpu(), path)
 
 
-def run(cfg: PriorStageConfig, level: Level, run_dir: Path, accelerator: Accelerator) -> StageResult:
+def run(sections: dict, run_dir: Path, accelerator: Accelerator, *, level: Level) -> StageResult:
+    cfg: PriorStageConfig = sections[f"prior.{level}"]
     stage_dir = run_dir / stage_dir_name(level)
     codes_dir = run_dir / "codes"
     train_store = CodeDataset(codes_dir / "codes.lmdb")
@@ -111,3 +113,11 @@ def run(cfg: PriorStageConfig, level: Level, run_dir: Path, accelerator: Acceler
                "exported_step": state.best_step if state.best_step >= 0 else state.step}
     metrics = {"val_bits_per_dim": bpd, "uniform_bits_per_dim": math.log2(model_cfg.num_codes)}
     return StageResult(outputs, metrics, files=("model.safetensors", "model.json"))
+
+
+# Bottom first: the top prior's training pictures are then full ancestral samples.
+STAGES = tuple(
+    Stage(f"train-prior-{level}", stage_dir_name(level), ("run", f"prior.{level}"), ("extract-codes",),
+          functools.partial(run, level=level))
+    for level in ("bottom", "top")
+)

@@ -16,26 +16,26 @@ from vqgen.config import VQVAEStageConfig
 from vqgen.data.datasets import DataConfig, build_dataset, skipped_files_report
 from vqgen.distributed import shard_loader
 from vqgen.evaluation import reconstruction_metrics, vqvae_loss
-from vqgen.manifest import StageResult
+from vqgen.stage import Stage, StageResult
 from vqgen.models.export import export_model
 from vqgen.models.vqvae2 import VQVAE2
 from vqgen.pictures import save_grid
 from vqgen.train import best_weights, fit
+from vqgen.utils import eval_mode
 
 DIR = "vqvae"
 
 
 def write_recon_grid(model: VQVAE2, images: torch.Tensor, path: Path) -> None:
     """``recon.png``: the originals in the top row, their reconstructions below."""
-    with torch.no_grad():
-        was_training = model.training
-        model.eval()
+    with torch.no_grad(), eval_mode(model):
         recon = model.decode_codes(*model.encode(images))
-        model.train(was_training)
     save_grid(torch.cat([images.cpu(), recon.float().cpu()]), path, ncol=images.shape[0])
 
 
-def run(cfg: VQVAEStageConfig, data: DataConfig, run_dir: Path, accelerator: Accelerator) -> StageResult:
+def run(sections: dict, run_dir: Path, accelerator: Accelerator) -> StageResult:
+    cfg: VQVAEStageConfig = sections["vqvae"]
+    data: DataConfig = sections["data"]
     stage_dir = run_dir / DIR
     train_set = build_dataset(data, "train", augment=data.hflip)
     eval_set = build_dataset(data, "eval")
@@ -61,3 +61,6 @@ def run(cfg: VQVAEStageConfig, data: DataConfig, run_dir: Path, accelerator: Acc
         accelerator.print(f"[vqgen] {line}")
     metrics.update(skipped)
     return StageResult(outputs, metrics, files=("model.safetensors", "model.json"))
+
+
+STAGES = (Stage("train-vqvae", DIR, ("run", "data", "vqvae"), (), run),)

@@ -4,6 +4,7 @@ import copy
 import json
 import math
 import multiprocessing
+import re
 
 import lmdb
 import numpy as np
@@ -11,16 +12,11 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from vqgen.data.codes import (
-    CodeDataset,
-    CodeLevel,
-    CodeStoreWriter,
-    format_inspection,
-    index_key,
-    inspect_store,
-    make_meta,
-    read_store_meta,
-)
+from vqgen.data.code_dataset import CodeDataset
+from vqgen.data.code_format import CodeLevel, index_key, make_meta
+from vqgen.data.code_inspection import format_inspection, inspect_store
+from vqgen.data.code_readers import read_store_meta
+from vqgen.data.code_writer import CodeStoreWriter
 from vqgen.errors import ConfigError, DataError
 
 LEVELS = [CodeLevel("top", (2, 2), 8), CodeLevel("bottom", (4, 4), 16)]
@@ -265,3 +261,23 @@ def test_inspect_store_on_a_known_store(tmp_path):
     assert bottom_info["used"] == 1 and bottom_info["perplexity"] == 1.0
     text = format_inspection(info)
     assert "3 (75.0%)" in text and "1 (12.5%)" in text and "complete" in text and "abc" in text
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"format_version": 2}, "'format_version' is 2; this version reads 1"),
+    ({"count": -1}, "'count' must be an int >= 0"),
+    ({"complete": "yes"}, "'complete' expected bool"),
+    ({"levels": []}, "'levels' must be a non-empty list"),
+    ({"levels": [{"name": "label", "shape": [2, 2], "num_codes": 8}]}, r"'levels\[0\]\.name' must be a non-empty"),
+    ({"levels": [{"name": "top", "shape": [2, 2, 1], "num_codes": 8}]}, r"'levels\[0\]\.shape' must be \[H, W\]"),
+    ({"levels": [{"name": "top", "shape": [2, 2]}]}, r"'levels\[0\]\.num_codes' is missing"),
+])
+def test_bad_metadata_names_the_store_and_the_field(tmp_path, change, field):
+    path = tmp_path / "codes.lmdb"
+    write_store(path, 2)
+    env = lmdb.open(str(path))
+    with env.begin(write=True) as txn:
+        txn.put(b"__meta__", json.dumps({**json.loads(txn.get(b"__meta__")), **change}).encode())
+    env.close()
+    with pytest.raises(DataError, match=f"^{re.escape(str(path))}: metadata field {field}"):
+        read_store_meta(path)

@@ -103,3 +103,19 @@ def test_config_that_is_not_utf8_names_it(tmp_path):
     path.write_bytes(b'name = "caf\xe9"\n')
     with pytest.raises(ConfigError, match="latin1.toml is not valid TOML .not UTF-8"):
         load_toml(str(path))
+
+
+def test_fixed_length_tuple_fields_are_checked_item_by_item():
+    from dataclasses import dataclass
+
+    from vqgen.configtools import from_dict
+
+    @dataclass(kw_only=True)
+    class Shape:
+        size: tuple[int, int] = (1, 1)
+
+    assert from_dict(Shape, {"size": [3, 4]}).size == (3, 4)
+    with pytest.raises(ConfigError, match=r"size\[1\]: expected int, got 'x'"):
+        from_dict(Shape, {"size": [3, "x"]})
+    with pytest.raises(ConfigError, match="expected 2 items, got 3"):
+        from_dict(Shape, {"size": [1, 2, 3]})

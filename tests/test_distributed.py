@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from tiny_pipeline import TINY_PIPELINE, tiny_config
 from vqgen.models.vqvae2 import VQVAE2
 
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
@@ -57,27 +58,15 @@ def test_ddp_training_keeps_ranks_identical(tmp_path):
         assert trained < untrained, f"rank {rank}: codebooks did not move towards its data ({trained} >= {untrained})"
 
 
-TINY_PIPELINE = """
-[run]
-name = "{name}"
-out_dir = "{out}"
-[data]
-procedural_size = 37
-num_eval = 7
-image_size = 16
-[vqvae.model]
-hidden_channels = 16
-res_channels = 8
-num_res_blocks = 1
-num_codes = 32
-code_dim = 8
-[vqvae.train]
-steps = 2
-batch_size = 8
-[codes]
-batch_size = 4
-commit_every = 3
-"""
+# Uneven splits: 37 = 19 + 18 training and 7 = 4 + 3 evaluation images, 11 samples in 4 batches.
+SPLITS = ("data.procedural_size=37", "data.num_eval=7", "codes.batch_size=4", "codes.commit_every=3",
+          "sample.num_samples=11", "sample.batch_size=3")
+
+
+def tiny_cli_args(root: Path, name: str) -> list[str]:
+    """The tiny pipeline with :data:`SPLITS`, as ``vqgen`` command arguments."""
+    sets = [f"run.out_dir={root}", f"run.name={name}", "run.tracker=none", *SPLITS]
+    return [str(TINY_PIPELINE), *(item for s in sets for item in ("--set", s))]
 
 
 def store_records(path: Path) -> dict[bytes, bytes]:
@@ -93,19 +82,14 @@ def store_records(path: Path) -> dict[bytes, bytes]:
 def test_two_process_extraction_writes_each_image_once(tmp_path):
     import shutil
 
-    from vqgen.config import load_config
     from vqgen.pipeline import run_single_stage
 
-    single = tmp_path / "single.toml"
-    single.write_text(TINY_PIPELINE.format(name="single", out=tmp_path))
-    cfg = load_config(single)
+    cfg = tiny_config(tmp_path, "single", *SPLITS)
     run_single_stage(cfg, "train-vqvae")
     run_single_stage(cfg, "extract-codes")
     # The same VQ-VAE export, extracted again by two processes.
     shutil.copytree(tmp_path / "single" / "vqvae", tmp_path / "double" / "vqvae")
-    double = tmp_path / "double.toml"
-    double.write_text(TINY_PIPELINE.format(name="double", out=tmp_path))
-    torchrun("-m", "vqgen.cli", "stage", "extract-codes", str(double))
+    torchrun("-m", "vqgen.cli", "stage", "extract-codes", *tiny_cli_args(tmp_path, "double"))
     metrics = json.loads((tmp_path / "double" / "codes" / "manifest.json").read_text())["metrics"]
     # The work was split: 37 = 19 + 18 and 7 = 4 + 3 images, each encoded by one process only.
     assert metrics["train_images_per_process"] == [19, 18]
@@ -117,46 +101,19 @@ def test_two_process_extraction_writes_each_image_once(tmp_path):
         assert one == two
 
 
-TINY_PRIORS = """
-[prior.top.model]
-channels = 8
-num_layers = 1
-attention_every = 1
-num_heads = 2
-[prior.top.train]
-steps = 2
-batch_size = 8
-[prior.bottom.model]
-channels = 8
-num_layers = 1
-condition_channels = 8
-[prior.bottom.train]
-steps = 2
-batch_size = 8
-[sample]
-num_samples = 11
-batch_size = 3
-"""
-
-
 def test_two_process_sampling_splits_batches_exactly(tmp_path):
     import shutil
 
     import numpy as np
 
-    from vqgen.config import load_config
     from vqgen.pipeline import run_single_stage
 
-    single = tmp_path / "single.toml"
-    single.write_text(TINY_PIPELINE.format(name="single", out=tmp_path) + TINY_PRIORS)
-    cfg = load_config(single)
+    cfg = tiny_config(tmp_path, "single", *SPLITS)
     for stage in ("train-vqvae", "extract-codes", "train-prior-bottom", "train-prior-top", "sample"):
         run_single_stage(cfg, stage)
     for stage_dir in ("vqvae", "codes", "prior-top", "prior-bottom"):
         shutil.copytree(tmp_path / "single" / stage_dir, tmp_path / "double" / stage_dir)
-    double = tmp_path / "double.toml"
-    double.write_text(TINY_PIPELINE.format(name="double", out=tmp_path) + TINY_PRIORS)
-    torchrun("-m", "vqgen.cli", "stage", "sample", str(double))
+    torchrun("-m", "vqgen.cli", "stage", "sample", *tiny_cli_args(tmp_path, "double"))
     # 11 samples in 4 batches over 2 processes: each batch drawn once, seeded by its global index,
     # so the two-process samples are exactly the single-process ones, in order.
     with np.load(tmp_path / "single" / "samples" / "samples.npz") as one, \

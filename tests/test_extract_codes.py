@@ -7,34 +7,14 @@ import shutil
 import pytest
 import torch
 
-from vqgen.config import load_config
-from vqgen.data.codes import CodeDataset, CodeStoreWriter, read_store_meta
+from tiny_pipeline import tiny_config
+from vqgen.data import CodeDataset, CodeStoreWriter, read_store_meta
 from vqgen.errors import DataError
 from vqgen.pipeline import run_single_stage
 from vqgen.models.export import load_model
 from vqgen.stages.extract_codes import store_meta
 
-TINY = """
-[run]
-name = "tiny"
-out_dir = "{out}"
-tracker = "none"
-[data]
-procedural_size = 30
-num_eval = 6
-image_size = 16
-[vqvae.model]
-hidden_channels = 16
-res_channels = 8
-num_res_blocks = 1
-num_codes = 32
-code_dim = 8
-[vqvae.train]
-steps = 2
-batch_size = 8
-[codes]
-batch_size = 4
-"""
+SIZES = ("data.procedural_size=30", "data.num_eval=6", "codes.batch_size=4")
 
 
 def records(path):
@@ -47,9 +27,7 @@ def records(path):
 
 @pytest.fixture
 def run_cfg(tmp_path):
-    path = tmp_path / "tiny.toml"
-    path.write_text(TINY.format(out=tmp_path))
-    cfg = load_config(path)
+    cfg = tiny_config(tmp_path, "tiny", *SIZES)
     run_single_stage(cfg, "train-vqvae")
     return cfg
 

@@ -6,7 +6,7 @@ import math
 
 import pytest
 from vqgen.config import load_config
-from vqgen.data.codes import inspect_store
+from vqgen.data.code_inspection import inspect_store
 from vqgen.manifest import read_manifest
 from vqgen.pipeline import run_single_stage
 

@@ -14,8 +14,6 @@ from vqgen.sampling import (
     draw_uniforms,
     filter_logits,
     sample,
-    sample_cached,
-    sample_full,
 )
 
 
@@ -100,7 +98,7 @@ def test_generate_restarts_from_a_clean_state_in_the_same_buffers():
     uniforms = torch.rand(height * width, 2, generator=torch.Generator().manual_seed(11))
     config = SamplerConfig(top_k=6)
     first = state.generate(config, uniforms)
-    addresses = [t.data_ptr() for t in (*state.vertical_windows, *state.links, *state.keys.values(), state.codes)]
+    addresses = [t.data_ptr() for t in (*state.cache.tensors(), state.codes)]
     assert state.done
     state.reset()
     for _ in range(width + 2):  # leave it mid-row, caches full of other codes
@@ -108,9 +106,9 @@ def test_generate_restarts_from_a_clean_state_in_the_same_buffers():
         state.commit(torch.randint(0, prior.config.num_codes, (2,)))
     again = state.generate(config, uniforms)
     assert torch.equal(first, again)
-    assert addresses == [t.data_ptr() for t in (*state.vertical_windows, *state.links, *state.keys.values(), state.codes)]
-    reference = sample_full(prior, 2, labels=labels, condition=condition, config=config,
-                            generator=torch.Generator().manual_seed(11))
+    assert addresses == [t.data_ptr() for t in (*state.cache.tensors(), state.codes)]
+    reference = sample(prior, 2, labels=labels, condition=condition, config=config, cached=False,
+                       generator=torch.Generator().manual_seed(11))
     assert torch.equal(first, reference)
 
 
@@ -137,16 +135,16 @@ def test_cuda_graph_replay_draws_the_same_codes_as_eager_steps(settings):
     labels = None if labels is None else labels.cuda()
     condition = None if condition is None else condition.cuda()
     kwargs = dict(labels=labels, condition=condition, config=SamplerConfig(top_p=0.9))
-    eager = sample_cached(prior, 4, generator=torch.Generator().manual_seed(2), **kwargs)
-    graphed = sample_cached(prior, 4, generator=torch.Generator().manual_seed(2), cuda_graphs=True, **kwargs)
+    eager = sample(prior, 4, generator=torch.Generator().manual_seed(2), **kwargs)
+    graphed = sample(prior, 4, generator=torch.Generator().manual_seed(2), cuda_graphs=True, **kwargs)
     assert torch.equal(eager, graphed)
 
 
 def test_temperature_zero_is_argmax_of_full_logits():
     prior, labels, _ = build(TOP, batch=2)
     config = SamplerConfig(temperature=0.0)
-    first = sample_cached(prior, 2, labels=labels, config=config)
-    second = sample_cached(prior, 2, labels=labels, config=config, generator=torch.Generator().manual_seed(3))
+    first = sample(prior, 2, labels=labels, config=config)
+    second = sample(prior, 2, labels=labels, config=config, generator=torch.Generator().manual_seed(3))
     assert torch.equal(first, second)
     with torch.no_grad():
         logits = prior(first, labels)
@@ -157,7 +155,7 @@ def test_top_k_samples_stay_in_the_top_k_of_the_full_logits():
     prior, _, condition = build(BOTTOM, batch=4)
     labels = torch.tensor([0, 1, 0, 1])
     top_k = 3
-    codes = sample_cached(
+    codes = sample(
         prior, 4, labels=labels, condition=condition, config=SamplerConfig(temperature=2.0, top_k=top_k),
         generator=torch.Generator().manual_seed(0),
     )
@@ -169,10 +167,10 @@ def test_top_k_samples_stay_in_the_top_k_of_the_full_logits():
     assert len(torch.unique(codes)) > 3
 
 
-def test_sample_full_restores_training_mode_and_checks_inputs():
+def test_full_sampling_restores_training_mode_and_checks_inputs():
     prior, labels, condition = build(BOTTOM, batch=1)
     prior.train()
-    codes = sample_full(prior, 1, labels=labels, condition=condition, config=SamplerConfig(temperature=0.0))
+    codes = sample(prior, 1, labels=labels, condition=condition, config=SamplerConfig(temperature=0.0), cached=False)
     assert prior.training
     assert codes.shape == (1, 8, 8)
     with pytest.raises(ValueError, match="eval"):

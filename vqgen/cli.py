@@ -1,7 +1,7 @@
 """The ``vqgen`` command.
 
     vqgen run pipelines/demo.toml [--set section.key=value ...] [--from STAGE]
-    vqgen stage train-prior pipelines/demo.toml --level top [--set ...]
+    vqgen stage train-prior-top pipelines/demo.toml [--set ...]   # one stage (or: train-prior --level top)
     vqgen config pipelines/demo.toml [--set ...]        # print the resolved config
     vqgen codes inspect runs/demo                         # counts, shapes, code usage
     vqgen fid pipelines/cifar10.toml samples.npz [--set ...]  # FID of any samples file
@@ -17,10 +17,13 @@ import sys
 
 from vqgen.errors import VQGenError
 
-STAGES = ("train-vqvae", "extract-codes", "train-prior", "sample", "evaluate")
+PRIOR_SHORTHAND = "train-prior"  # `stage train-prior --level top` names `train-prior-top`
 
 
 def _parser() -> argparse.ArgumentParser:
+    from vqgen.pipeline import stage_names  # the runner's own table: one name per stage
+
+
     parser = argparse.ArgumentParser(prog="vqgen", description="VQ-VAE-2 + gated PixelCNN priors, stage by stage.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -33,9 +36,10 @@ def _parser() -> argparse.ArgumentParser:
     run = with_config(sub.add_parser("run", help="run every stage in order, skipping finished ones"))
     run.add_argument("--from", dest="from_stage", help="start at this stage (earlier ones must have finished)")
     stage = sub.add_parser("stage", help="run one stage")
-    stage.add_argument("stage", choices=STAGES)
+    stage.add_argument("stage", choices=[*stage_names(), PRIOR_SHORTHAND])
     with_config(stage)
-    stage.add_argument("--level", choices=("top", "bottom"), help="prior level (train-prior only)")
+    stage.add_argument("--level", choices=("top", "bottom"),
+                       help=f"with {PRIOR_SHORTHAND}: the prior's level (the same as {PRIOR_SHORTHAND}-LEVEL)")
     with_config(sub.add_parser("config", help="print the resolved config"))
     fid = with_config(sub.add_parser("fid", help="FID of a samples file against the config's evaluation images"))
     fid.add_argument("samples", help="a .npz with uint8 images [N, C, H, W], e.g. a run's samples/samples.npz")
@@ -49,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
 def _inspect(run_dir: str) -> None:
     from pathlib import Path
 
-    from vqgen.data.codes import format_inspection, inspect_store
+    from vqgen.data.code_inspection import format_inspection, inspect_store
 
     stores = sorted(Path(run_dir, "codes").glob("*.lmdb"))
     if not stores:
@@ -65,7 +69,7 @@ def _fid(cfg, samples: str) -> None:
 
     import torch
 
-    from vqgen.stages.evaluate import score_samples_file
+    from vqgen.scoring import score_samples_file
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     metrics = score_samples_file(cfg.evaluate, cfg.data, Path(samples), Path(cfg.run.out_dir), device)
@@ -90,12 +94,12 @@ def main(argv: list[str] | None = None) -> int:
             run_pipeline(cfg, from_stage=args.from_stage)
         else:
             name = args.stage
-            if name == "train-prior":
+            if name == PRIOR_SHORTHAND:
                 if args.level is None:
-                    raise VQGenError("train-prior needs --level top or --level bottom")
-                name = f"train-prior-{args.level}"
+                    raise VQGenError(f"{PRIOR_SHORTHAND} needs --level top or --level bottom")
+                name = f"{PRIOR_SHORTHAND}-{args.level}"
             elif args.level is not None:
-                raise VQGenError("--level applies to train-prior only")
+                raise VQGenError(f"--level applies to {PRIOR_SHORTHAND} only")
             run_single_stage(cfg, name)
     except VQGenError as err:
         print(f"vqgen: error: {err}", file=sys.stderr)

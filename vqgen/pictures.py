@@ -43,13 +43,8 @@ def save_grid(images: torch.Tensor, path: Path, ncol: int | None = None) -> None
     save_png(image_grid(images, ncol), path, scale=scale)
 
 
-def plot_curves(series: dict[str, list[tuple[int, float]]], path: Path, size=(480, 300)) -> None:
-    """One small line chart per series (value against step), stacked vertically, in one PNG."""
-    save_png(draw_curves(series, size), path)
-
-
 def draw_curves(series: dict[str, list[tuple[int, float]]], size=(480, 300)) -> Image.Image:
-    """The charts of :func:`plot_curves` as an image."""
+    """One small line chart per series (value against step), stacked vertically."""
     width, height = size
     names = [n for n, points in series.items() if len(points) >= 2]
     canvas = Image.new("RGB", (width, max(1, len(names)) * height), "white")

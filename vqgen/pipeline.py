@@ -21,77 +21,44 @@ The decision is taken on the main process and shared, so all processes of a laun
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
-
-from accelerate import Accelerator
+from typing import Any
 
 from vqgen.config import PipelineConfig, config_to_toml
 from vqgen.configtools import split_by_role
 from vqgen.distributed import on_main_process, process_state
 from vqgen.errors import ConfigError, VQGenError
 from vqgen.manifest import (
-    MANIFEST, STARTED, Decision, StageResult, StageSpec, damaged_outputs, decide, output_fingerprint,
+    MANIFEST, STARTED, Decision, StageSpec, damaged_outputs, decide, output_fingerprint,
     read_manifest, read_started, write_manifest, write_started,
 )
 from vqgen.runlock import RunLock
+from vqgen.stage import Stage, section
 from vqgen.train import make_accelerator
 from vqgen.utils import atomic_write_text
 
 
-@dataclass(frozen=True)
-class Stage:
-    name: str
-    dir: str
-    upstream: tuple[str, ...]
-    """Stages whose outputs this one reads."""
-    sections: Callable[[PipelineConfig], dict[str, Any]]
-    """The config sections the stage reads, by dotted name: together with the upstream outputs,
-    what defines and schedules it."""
-    run: Callable[[PipelineConfig, Path, Accelerator], StageResult]
-
-
-def _stages() -> tuple[Stage, ...]:
+def stage_table() -> tuple[Stage, ...]:
+    """Every stage in pipeline order: the one table the runner and the CLI share."""
     # Imported here: each stage module pulls in its models, which `vqgen --help` does not need.
     from vqgen.stages import evaluate, extract_codes, sample, train_prior, train_vqvae
 
-    def prior(level):
-        return Stage(
-            f"train-prior-{level}", train_prior.stage_dir_name(level), ("extract-codes",),
-            lambda cfg: {"run": cfg.run, f"prior.{level}": getattr(cfg.prior, level)},
-            lambda cfg, run_dir, acc: train_prior.run(getattr(cfg.prior, level), level, run_dir, acc),
-        )
-
-    priors = ("train-prior-top", "train-prior-bottom")
-    return (
-        Stage("train-vqvae", train_vqvae.DIR, (),
-              lambda cfg: {"run": cfg.run, "data": cfg.data, "vqvae": cfg.vqvae},
-              lambda cfg, run_dir, acc: train_vqvae.run(cfg.vqvae, cfg.data, run_dir, acc)),
-        Stage("extract-codes", extract_codes.DIR, ("train-vqvae",),
-              lambda cfg: {"run": cfg.run, "data": cfg.data, "codes": cfg.codes},
-              lambda cfg, run_dir, acc: extract_codes.run(cfg.codes, cfg.data, run_dir, acc)),
-        # Bottom first, so the top prior's training pictures are full ancestral samples.
-        prior("bottom"),
-        prior("top"),
-        Stage("sample", sample.DIR, ("train-vqvae", *priors),
-              lambda cfg: {"run": cfg.run, "sample": cfg.sample},
-              lambda cfg, run_dir, acc: sample.run(cfg.sample, run_dir, acc)),
-        Stage("evaluate", evaluate.DIR, ("train-vqvae", "extract-codes", *priors, "sample"),
-              lambda cfg: {"run": cfg.run, "data": cfg.data, "evaluate": cfg.evaluate},
-              lambda cfg, run_dir, acc: evaluate.run(cfg.evaluate, cfg.data, run_dir, acc)),
-    )
+    return tuple(s for module in (train_vqvae, extract_codes, train_prior, sample, evaluate) for s in module.STAGES)
 
 
 def stage_names() -> list[str]:
-    return [s.name for s in _stages()]
+    return [s.name for s in stage_table()]
+
+
+def stage_sections(cfg: PipelineConfig, stage: Stage) -> dict[str, Any]:
+    return {path: section(cfg, path) for path in stage.sections}
 
 
 def stage_spec(cfg: PipelineConfig, stage: Stage, inputs: dict[str, str]) -> StageSpec:
     definition: dict[str, Any] = {}
     schedule: dict[str, Any] = {}
-    for name, section in stage.sections(cfg).items():
-        definition[name], schedule[name] = split_by_role(section)
+    for name, values in stage_sections(cfg, stage).items():
+        definition[name], schedule[name] = split_by_role(values)
     definition["inputs"] = inputs
     return StageSpec(definition, schedule)
 
@@ -194,7 +161,7 @@ def run_stage(cfg: PipelineConfig, stage: Stage, dirs: dict[str, str], force: bo
     accelerator = make_accelerator(
         stage_dir, mixed_precision=cfg.run.mixed_precision, tracker=cfg.run.tracker, seed=cfg.run.seed
     )
-    result = stage.run(cfg, cfg.run_dir, accelerator)
+    result = stage.run(stage_sections(cfg, stage), cfg.run_dir, accelerator)
     accelerator.wait_for_everyone()
     for tracker in accelerator.trackers:
         tracker.finish()
@@ -226,7 +193,7 @@ def _open_run(cfg: PipelineConfig) -> tuple[RunLock, bool]:
 def run_pipeline(cfg: PipelineConfig, from_stage: str | None = None) -> None:
     """Run all stages in order. ``from_stage``: earlier stages are not run (they must have
     finished) and this one runs even if current; later ones run unless current."""
-    stages = _stages()
+    stages = stage_table()
     names = [s.name for s in stages]
     if from_stage is not None and from_stage not in names:
         raise ConfigError("--from", f"unknown stage {from_stage!r} (stages: {', '.join(names)})")
@@ -241,7 +208,7 @@ def run_pipeline(cfg: PipelineConfig, from_stage: str | None = None) -> None:
 
 
 def run_single_stage(cfg: PipelineConfig, name: str) -> dict | None:
-    stages = {s.name: s for s in _stages()}
+    stages = {s.name: s for s in stage_table()}
     if name not in stages:
         raise ConfigError("stage", f"unknown stage {name!r} (stages: {', '.join(stages)})")
     lock, writable = _open_run(cfg)

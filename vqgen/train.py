@@ -23,13 +23,14 @@ from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataPara
 from accelerate.utils import load as accelerate_load
 from accelerate.utils import set_seed
 from accelerate.utils.constants import RNG_STATE_NAME
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 from tqdm.auto import tqdm
 
 from vqgen.configtools import schedule_field
 from vqgen.errors import CheckpointError, ConfigError
 from vqgen.manifest import read_started
+from vqgen.models.export import save_weights
 from vqgen.tracking import TrackerKind, make_trackers
 from vqgen.utils import atomic_write_json, read_json, storage_errors
 
@@ -271,10 +272,7 @@ def _short_reason(err: Exception) -> str:
 
 
 def _save_weights(model: torch.nn.Module, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with storage_errors(path, f"best weights {path}", cleanup=lambda: tmp.unlink(missing_ok=True)):
-        save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp))
-        tmp.replace(path)
+    save_weights(model, path, f"best weights {path}")
 
 
 def best_weights(model: torch.nn.Module, state: TrainState, stage_dir: Path) -> torch.nn.Module:

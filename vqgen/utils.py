@@ -139,3 +139,14 @@ def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
 def sha256_json(obj: Any) -> str:
     """Checksum of a JSON-serialisable object, independent of key order."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+@contextmanager
+def eval_mode(model) -> Iterator[None]:
+    """``model`` in eval mode inside the block, back in the mode it was in after it."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)

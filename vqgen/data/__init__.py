@@ -1,15 +1,10 @@
 """Image datasets, transforms and the LMDB code store."""
 
-from vqgen.data.codes import (
-    CodeDataset,
-    CodeLevel,
-    CodeStoreWriter,
-    find_store,
-    format_inspection,
-    inspect_store,
-    make_meta,
-    read_store_meta,
-)
+from vqgen.data.code_dataset import CodeDataset, find_store, store_checksum
+from vqgen.data.code_format import CodeLevel, StoreMeta, make_meta, parse_meta
+from vqgen.data.code_inspection import format_inspection, inspect_store
+from vqgen.data.code_readers import read_store_meta
+from vqgen.data.code_writer import CodeStoreWriter
 from vqgen.data.datasets import (
     DataConfig,
     ImageDataset,
@@ -28,12 +23,15 @@ __all__ = [
     "ImageDataset",
     "ImageTransform",
     "ProceduralShapes",
+    "StoreMeta",
     "build_dataset",
     "denormalize",
     "find_store",
     "format_inspection",
     "inspect_store",
     "make_meta",
+    "parse_meta",
     "read_store_meta",
+    "store_checksum",
     "to_uint8",
 ]

@@ -12,11 +12,33 @@ neighbour), which is what makes strict causality necessary.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from einops import rearrange
 from torch import nn
 
-from vqgen.kernels.causal_attention import strictly_causal_attention
+from vqgen.kernels.causal_attention import (
+    attend_to_cache,
+    new_kv_cache,
+    reset_kv_cache,
+    strictly_causal_attention,
+)
+
+
+@dataclass(eq=False)
+class AttentionCache:
+    """A :class:`CausalAttentionBlock`'s state for sampling ``L`` positions one at a time, in place.
+
+    ``keys``/``values`` are in the shifted layout of
+    :func:`~vqgen.kernels.causal_attention.strictly_causal_attention` (slot 0 = learned start, slot
+    ``q+1`` = position ``q``); ``step`` reads them with one query through a fixed-shape visibility mask.
+    """
+
+    keys: torch.Tensor  # [B, heads, L+1, d]
+    values: torch.Tensor  # [B, heads, L+1, d]
+    normed: torch.Tensor  # [B, C]: normalised input at the current position, until commit writes its key/value
+    slots: torch.Tensor  # arange(L+1): the visible slots of position p are slots <= p
 
 
 class CausalAttentionBlock(nn.Module):
@@ -58,6 +80,33 @@ class CausalAttentionBlock(nn.Module):
         """Residual update: ``a [B, L, C] + proj(attended [B, heads, L, d])``."""
         merged = rearrange(attended, "b n l d -> b l (n d)")
         return a + self.dropout(self.proj(merged))
+
+    def new_cache(self, batch_size: int, length: int) -> AttentionCache:
+        """Empty cache for sampling ``length`` positions of ``batch_size`` maps."""
+        keys, values = new_kv_cache(self.start[0], self.start[1], batch_size, length + 1)
+        normed = keys.new_zeros(batch_size, self.norm.normalized_shape[0])
+        return AttentionCache(keys, values, normed, torch.arange(length + 1, device=keys.device))
+
+    def reset_cache(self, cache: AttentionCache) -> None:
+        reset_kv_cache(cache.keys, cache.values, self.start[0], self.start[1])
+        cache.normed.zero_()
+
+    def step(
+        self, cache: AttentionCache, h: torch.Tensor, row: torch.Tensor, col: torch.Tensor, position: torch.Tensor
+    ) -> torch.Tensor:
+        """``forward`` at ``position`` (int64 ``[1]``; ``row``, ``col`` its indices): ``h [B, C]`` → ``[B, C]``."""
+        a = h + self.position_embedding(row, col)
+        normed = self.norm(a)
+        cache.normed.copy_(normed)  # this position's key/value are written by commit()
+        q = self.split_heads(self.query(normed)[:, None])  # [B, heads, 1, d]
+        attended = attend_to_cache(q, cache.keys, cache.values, cache.slots <= position)
+        return self.finish(a[:, None], attended)[:, 0]
+
+    def commit(self, cache: AttentionCache, x: torch.Tensor, position: torch.Tensor) -> None:
+        """Store the key/value of ``position`` (after :meth:`step` there), ``x [B, C]`` its code embedding."""
+        k, v = self.keys_values(cache.normed[:, None], x[:, None])  # [B, heads, 1, d]
+        cache.keys.index_copy_(2, position + 1, k)
+        cache.values.index_copy_(2, position + 1, v)
 
     def forward(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         height, width = h.shape[-2:]

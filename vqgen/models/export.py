@@ -38,6 +38,17 @@ def _classes(name: str):
     return getattr(mod, model_cls), getattr(mod, config_cls)
 
 
+def save_weights(model: torch.nn.Module, path: Path, what: str) -> None:
+    """``model``'s state dict as safetensors at ``path``, written to a temporary name and renamed
+    (a reader sees the old file or the whole new one); a full or read-only disk is a StorageError
+    naming ``what``."""
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    tmp = path.with_name(f".{path.name}.tmp")
+    with storage_errors(path, what, cleanup=lambda: tmp.unlink(missing_ok=True)):
+        save_file(state, str(tmp))
+        tmp.replace(path)
+
+
 def export_model(model: torch.nn.Module, config, directory: Path, name: str = "model") -> str:
     """Write ``directory/name.safetensors`` and ``directory/name.json``; return the weights' sha256.
 
@@ -48,12 +59,8 @@ def export_model(model: torch.nn.Module, config, directory: Path, name: str = "m
     _classes(class_name)  # refuse to export a class that could not be loaded back
     with storage_errors(directory, f"model export {directory / name}"):
         directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     weights = directory / f"{name}.safetensors"
-    tmp = directory / f".{name}.safetensors.tmp"
-    with storage_errors(weights, f"model export {weights}", cleanup=lambda: tmp.unlink(missing_ok=True)):
-        save_file(state, str(tmp))
-        tmp.replace(weights)
+    save_weights(model, weights, f"model export {weights}")
     checksum = sha256_file(weights)
     atomic_write_json(
         directory / f"{name}.json",

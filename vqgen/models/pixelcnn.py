@@ -14,6 +14,8 @@ Each layer gates ``tanh(a) * sigmoid(b)``; the horizontal stack has a residual c
 skip connection to the output head. Optional causal attention blocks (``attention_every``) refine
 the horizontal stack. Conditioning (a class label, and for the bottom prior the top code map
 through a conditioning stack) enters every gated layer as a bias on the pre-activations.
+
+Cached sampling runs the same layers one position at a time: see :meth:`GatedPixelCNN.new_cache`.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from torch import nn
 from vqgen.errors import ConfigError, DataError
 from vqgen.kernels import Backend
 from vqgen.kernels.gated import gated_residual
-from vqgen.models.attention import CausalAttentionBlock
+from vqgen.models.attention import AttentionCache, CausalAttentionBlock
 
 
 @dataclass(kw_only=True)
@@ -166,11 +168,34 @@ class ConditionStack(nn.Module):
         return self.blocks(x)
 
 
+def _push_column(window: torch.Tensor, column: torch.Tensor) -> None:
+    """Shift ``window [B, C, n]`` one column left and write ``column [B, C]`` last."""
+    window[:, :, :-1] = window[:, :, 1:].clone()
+    window[:, :, -1] = column
+
+
+def _push_row(window: torch.Tensor, row: torch.Tensor, pad: int) -> None:
+    """Shift ``window [B, C, n, W+2*pad]`` one row up and write ``row [B, C, 1, W]`` last."""
+    window[:, :, :-1] = window[:, :, 1:].clone()
+    window[:, :, -1:, pad : window.shape[-1] - pad] = row
+
+
+@dataclass(eq=False)
+class LayerCache:
+    """One :class:`GatedLayer`'s state for sampling in raster order (``s = k//2``), updated in place."""
+
+    vertical: torch.Tensor  # [B, C, s+1, W+2s]: the last s+1 input rows (zero columns at both sides)
+    horizontal: torch.Tensor  # [B, C, s+1]: the last s+1 input columns, zeroed at the start of every row
+    link: torch.Tensor  # [B, 2C, 1, W]: link features of the vertical row above the current code row
+    bias_v: torch.Tensor | None  # [B, 2C, 1, W]: the current row's vertical bias, used once the row is complete
+    bias_h: torch.Tensor | None  # [B, 2C, 1, W]: the current row's horizontal bias
+
+
 class GatedLayer(nn.Module):
     """One gated layer with a vertical and a horizontal stack.
 
-    ``forward`` runs the layer on whole maps; ``vertical_row`` and ``horizontal_step`` run the same
-    weights on one row / one position for cached sampling.
+    ``forward`` runs the layer on whole maps; :meth:`finish_row` and :meth:`step` run the same
+    weights on one row / one position against a :class:`LayerCache` for cached sampling.
     """
 
     def __init__(self, config: PriorConfig, *, first: bool):
@@ -249,39 +274,72 @@ class GatedLayer(nn.Module):
         h_out = rearrange(h_rows, "(b h w) c -> b c h w", b=batch, h=height, w=width)
         return v_out, h_out, skip
 
-    def vertical_row(
-        self, window: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One vertical-stack row from the cached input rows.
+    def new_cache(self, batch_size: int, width: int, labels: torch.Tensor | None,
+                  features: torch.Tensor | None) -> LayerCache:
+        """Empty cache for ``batch_size`` maps of ``width`` columns; ``labels`` and a row of ``features``
+        (as for :meth:`biases`) give the bias buffers their shapes."""
+        c, s, new = self.horizontal.in_channels, self.half, self.link.weight.new_zeros
+        biases = self.biases(labels, features)
+        bias_v, bias_h = (None if b is None else b.expand(-1, -1, 1, width).clone() for b in biases)
+        cache = LayerCache(new(batch_size, c, s + 1, width + 2 * s), new(batch_size, c, s + 1),
+                           new(batch_size, 2 * c, 1, width), bias_v, bias_h)
+        self.reset_cache(cache)
+        return cache
 
-        Args:
-            window: ``[B, C, s+1, W + 2s]`` the last s+1 input rows (zero-padded columns).
-            bias: ``[B, 2C, 1, W|1]`` or None. residual: ``[B, C, 1, W]`` (the newest input row) or None.
-        Returns:
-            ``(v_row [B, C, 1, W], link_row [B, 2C, 1, W])``: the next layer's input row and what the
-            horizontal stack of the *next* code row adds to its pre-activation.
-        """
-        v_pre = self.vertical(window)
-        return self.vertical_output(v_pre, bias, residual), self.link(v_pre)
+    def reset_cache(self, cache: LayerCache) -> None:
+        cache.vertical.zero_()
+        cache.horizontal.zero_()
+        # Code row 0 sees only the zero padding above: the link of an all-zero vertical row.
+        cache.link.copy_(self.link(torch.zeros_like(cache.link)))
 
-    def horizontal_step(
-        self,
-        window: torch.Tensor,
-        link: torch.Tensor,
-        bias: torch.Tensor | None,
-        residual: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One position of the horizontal stack.
+    def begin_row(self, cache: LayerCache, labels: torch.Tensor | None, features: torch.Tensor | None) -> None:
+        """Start a code row: its biases (``features [B, Cc, 1, W]``: its conditioning row) and an
+        empty horizontal window."""
+        for buffer, bias in zip((cache.bias_v, cache.bias_h), self.biases(labels, features)):
+            if buffer is not None:
+                buffer.copy_(bias)
+        cache.horizontal.zero_()
 
-        Args:
-            window: ``[B, C, s+1]`` cached input columns (the layer's horizontal receptive field).
-            link: ``[B, 2C]`` down-shifted vertical features at this position.
-            bias: ``[B, 2C]`` or None. residual: ``[B, C]`` or None (first layer).
-        Returns:
-            ``(h [B, C], skip [B, C])``.
-        """
-        pre = self.horizontal(window[:, :, None, :]).flatten(1) + link
-        return self.horizontal_output(pre, bias, residual)
+    def finish_row(self, cache: LayerCache, row: torch.Tensor) -> torch.Tensor:
+        """Push the completed input row ``[B, C, 1, W]`` into the vertical window and compute the next
+        vertical row from it (``s+1`` rows → one row): returns that row ``[B, C, 1, W]`` (the next
+        layer's input row) and stores its link features, which the horizontal stack reads along the
+        next code row."""
+        _push_row(cache.vertical, row, self.half)
+        v_pre = self.vertical(cache.vertical)
+        cache.link.copy_(self.link(v_pre))
+        return self.vertical_output(v_pre, cache.bias_v, None if self.first else row)
+
+    def step(self, cache: LayerCache, h: torch.Tensor | None, col: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The horizontal stack at column ``col`` (int64 ``[1]``): ``h [B, C]`` is the layer's input
+        there, None for the first layer (its window holds the codes to the left, see :meth:`push_code`).
+        Returns ``(h [B, C], skip [B, C])``."""
+        if h is not None:
+            _push_column(cache.horizontal, h)
+        link = cache.link.index_select(3, col).flatten(1)  # [B, 2C]
+        bias = None if cache.bias_h is None else cache.bias_h.index_select(3, col).flatten(1)
+        pre = self.horizontal(cache.horizontal[:, :, None, :]).flatten(1) + link
+        return self.horizontal_output(pre, bias, h)
+
+    def push_code(self, cache: LayerCache, x: torch.Tensor) -> None:
+        """First layer: the embedding ``x [B, C]`` of the code just chosen enters the horizontal window."""
+        _push_column(cache.horizontal, x)
+
+
+@dataclass(eq=False)
+class PriorCache:
+    """A :class:`GatedPixelCNN`'s sampling state (see :meth:`GatedPixelCNN.new_cache`)."""
+
+    labels: torch.Tensor | None
+    features: torch.Tensor | None  # conditioning stack output [B, Cc, H, W], computed once
+    row_inputs: torch.Tensor  # [B, C, 1, W]: embeddings of the code row being generated
+    layers: list[LayerCache]
+    attention: dict[str, AttentionCache]
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every buffer the sampling steps update (for checks that none of them moves)."""
+        caches = [*self.layers, *self.attention.values()]
+        return [self.row_inputs, *(t for c in caches for t in vars(c).values() if t is not None)]
 
 
 class GatedPixelCNN(nn.Module):
@@ -379,6 +437,63 @@ class GatedPixelCNN(nn.Module):
                 h = self.attention[str(l)](h, x)
         logits = self.head(skip + _rows(h))  # [B*H*W, K]
         return rearrange(logits, "(b h w) k -> b k h w", b=batch, h=height, w=width)
+
+    def new_cache(self, batch_size: int, *, labels: torch.Tensor | None = None,
+                  condition: torch.Tensor | None = None) -> PriorCache:
+        """Caches for sampling ``batch_size`` maps in raster order (after Ramachandran et al. 2017,
+        "Fast Generation for Convolutional Autoregressive Models"): each layer keeps the inputs its
+        shifted convolutions still need (:class:`LayerCache`), each attention block its keys and values
+        (:class:`~vqgen.models.attention.AttentionCache`), so one step costs one position's worth of work.
+        Per code row call :meth:`finish_row` (rows after the first) and :meth:`begin_row`, then per
+        position :meth:`step` and :meth:`commit`. The conditioning stack and class embeddings run once,
+        here; the layers' 1x1 bias projections once per row."""
+        self.check_inputs(labels=labels, condition=condition, batch=batch_size)
+        height, width = self.config.shape
+        features = None if self.condition_stack is None else self.condition_stack(condition)
+        row = None if features is None else features[:, :, :1]
+        return PriorCache(
+            labels, features, self.embed.weight.new_zeros(batch_size, self.config.channels, 1, width),
+            [layer.new_cache(batch_size, width, labels, row) for layer in self.layers],
+            {name: block.new_cache(batch_size, height * width) for name, block in self.attention.items()},
+        )
+
+    def reset_cache(self, cache: PriorCache) -> None:
+        """Back to empty caches, in place (every buffer keeps its address)."""
+        cache.row_inputs.zero_()
+        for module, part in zip([*self.layers, *self.attention.values()], [*cache.layers, *cache.attention.values()]):
+            module.reset_cache(part)
+
+    def begin_row(self, cache: PriorCache, position: torch.Tensor) -> None:
+        """Start the code row of raster ``position`` (int64 ``[1]``, its first column)."""
+        row = position // self.config.shape[1]
+        features = None if cache.features is None else cache.features.index_select(2, row)  # [B, Cc, 1, W]
+        for layer, layer_cache in zip(self.layers, cache.layers):
+            layer.begin_row(layer_cache, cache.labels, features)
+
+    def finish_row(self, cache: PriorCache) -> None:
+        """Push the completed code row through every layer's vertical stack, all layers together."""
+        row = cache.row_inputs  # layer 0's input row, then each layer's output row
+        for layer, layer_cache in zip(self.layers, cache.layers):
+            row = layer.finish_row(layer_cache, row)
+
+    def step(self, cache: PriorCache, position: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, K]`` at raster ``position`` (int64 ``[1]``), as ``forward`` gives them there."""
+        row, col = position // self.config.shape[1], position % self.config.shape[1]
+        h, skip = None, 0
+        for l, (layer, layer_cache) in enumerate(zip(self.layers, cache.layers)):
+            h, layer_skip = layer.step(layer_cache, h, col)
+            skip = skip + layer_skip
+            if str(l) in self.attention:
+                h = self.attention[str(l)].step(cache.attention[str(l)], h, row, col, position)
+        return self.head(skip + h)
+
+    def commit(self, cache: PriorCache, codes: torch.Tensor, position: torch.Tensor) -> None:
+        """Feed the codes ``[B]`` chosen at ``position`` (after :meth:`step` there) into the caches."""
+        x = self.embed(codes)  # [B, C]
+        self.layers[0].push_code(cache.layers[0], x)
+        cache.row_inputs.index_copy_(3, position % self.config.shape[1], x[:, :, None, None])
+        for name, block in self.attention.items():
+            block.commit(cache.attention[name], x, position)
 
     @staticmethod
     def loss(logits: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
