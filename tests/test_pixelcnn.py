@@ -212,3 +212,23 @@ def test_a_training_forward_reads_back_one_value(host_reads):
     with host_reads() as reads:
         GatedPixelCNN.loss(prior(codes, labels, condition), codes).backward()
     assert reads.count == 1
+
+
+def test_kernel_backend_reaches_the_attention(monkeypatch):
+    """``kernel_backend = "torch"`` selects the reference path in every kernel, attention included."""
+    import vqgen.models.attention as attention_module
+
+    seen = []
+    real = attention_module.strictly_causal_attention
+
+    def spy(*args, **kwargs):
+        seen.append(args[5] if len(args) > 5 else kwargs.get("backend", "auto"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(attention_module, "strictly_causal_attention", spy)
+    for backend in ("torch", "auto"):
+        prior = GatedPixelCNN(top_config(kernel_backend=backend)).eval()
+        codes = torch.randint(0, 16, (2, *SHAPE))
+        prior(codes, labels=torch.tensor([0, 1]))
+        assert seen and set(seen) == {backend}
+        seen.clear()

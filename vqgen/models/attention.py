@@ -18,6 +18,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
+from vqgen.kernels import Backend
 from vqgen.kernels.causal_attention import (
     attend_to_cache,
     new_kv_cache,
@@ -49,10 +50,12 @@ class CausalAttentionBlock(nn.Module):
     positional embedding (row + column) is added to the block input.
     """
 
-    def __init__(self, *, channels: int, num_heads: int, shape: tuple[int, ...], dropout: float):
+    def __init__(self, *, channels: int, num_heads: int, shape: tuple[int, ...], dropout: float,
+                 backend: Backend = "auto"):
         super().__init__()
         height, width = shape
         self.num_heads = num_heads
+        self.backend = backend  # "torch": the explicit-mask reference; otherwise the fused SDPA path
         head_dim = channels // num_heads
         self.row_embed = nn.Parameter(torch.randn(height, channels) * 0.02)
         self.col_embed = nn.Parameter(torch.randn(width, channels) * 0.02)
@@ -115,6 +118,6 @@ class CausalAttentionBlock(nn.Module):
         normed = self.norm(a)
         q = self.split_heads(self.query(normed))
         k, v = self.keys_values(normed, rearrange(x, "b c h w -> b (h w) c"))
-        attended = strictly_causal_attention(q, k, v, self.start[0], self.start[1])
+        attended = strictly_causal_attention(q, k, v, self.start[0], self.start[1], self.backend)
         out = self.finish(a, attended)
         return rearrange(out, "b (h w) c -> b c h w", h=height, w=width)

@@ -362,7 +362,8 @@ class GatedPixelCNN(nn.Module):
         self.attention = nn.ModuleDict(
             {
                 str(l): CausalAttentionBlock(
-                    channels=c, num_heads=config.num_heads, shape=config.shape, dropout=config.dropout
+                    channels=c, num_heads=config.num_heads, shape=config.shape, dropout=config.dropout,
+                    backend=config.kernel_backend,
                 )
                 for l in config.attention_after
             }
