@@ -19,20 +19,20 @@ import time
 
 import torch
 
-from vqgen.models.pixelcnn import GatedPixelCNN, PriorConfig
+from vqgen.models.pixelcnn import GatedPixelCNN, PriorConfig, PriorLayout
 from vqgen.sampling import SamplerConfig, choose_codes, sample
 
 
 def build(args) -> tuple[GatedPixelCNN, torch.Tensor | None]:
     h, w = args.shape
     bottom = args.level == "bottom"
-    cfg = PriorConfig(num_codes=args.codes, shape=(h, w), channels=args.channels, num_layers=args.layers,
-                      kernel_size=args.kernel, attention_every=0 if bottom else args.attention_every,
-                      num_heads=args.heads, dropout=0.0, condition_num_codes=args.codes if bottom else 0,
-                      condition_shape=(h // 2, w // 2) if bottom else (), condition_channels=args.channels,
-                      condition_res_blocks=args.cond_blocks if bottom else 0)
+    cfg = PriorConfig(channels=args.channels, num_layers=args.layers, kernel_size=args.kernel,
+                      attention_every=0 if bottom else args.attention_every, num_heads=args.heads, dropout=0.0,
+                      condition_channels=args.channels, condition_res_blocks=args.cond_blocks if bottom else 0)
+    layout = PriorLayout(num_codes=args.codes, shape=(h, w), condition_num_codes=args.codes if bottom else 0,
+                         condition_shape=(h // 2, w // 2) if bottom else ())
     torch.manual_seed(0)
-    prior = GatedPixelCNN(cfg).to(args.device).eval()
+    prior = GatedPixelCNN(cfg, layout).to(args.device).eval()
     condition = torch.randint(args.codes, (args.batch, h // 2, w // 2), device=args.device) if bottom else None
     return prior, condition
 

@@ -20,7 +20,8 @@ import time
 
 import torch
 
-from vqgen.models.pixelcnn import GatedPixelCNN, PriorConfig
+from vqgen.models.pixelcnn import GatedPixelCNN, PriorConfig, PriorLayout
+from vqgen.models.quantize import QuantizerConfig
 from vqgen.models.vqvae2 import VQVAE2, VQVAEConfig
 from vqgen.train import TrainConfig, build_optimizer
 
@@ -28,7 +29,8 @@ from vqgen.train import TrainConfig, build_optimizer
 def build(args):
     if args.model == "vqvae":
         cfg = VQVAEConfig(hidden_channels=args.channels, res_channels=args.res_channels, num_res_blocks=args.res_blocks,
-                          num_codes=args.codes, code_dim=args.code_dim, kernel_backend=args.backend)
+                          quantizer=QuantizerConfig(num_codes=args.codes, code_dim=args.code_dim,
+                                                    kernel_backend=args.backend))
         model = VQVAE2(cfg)
 
         def batch():
@@ -39,14 +41,13 @@ def build(args):
     else:
         h, w = args.shape
         bottom = args.model == "prior-bottom"
-        cfg = PriorConfig(num_codes=args.codes, shape=(h, w), channels=args.channels, num_layers=args.layers,
-                          kernel_size=args.kernel, attention_every=0 if bottom else args.attention_every,
-                          num_heads=args.heads, dropout=0.1,
-                          condition_num_codes=args.codes if bottom else 0,
-                          condition_shape=(h // 2, w // 2) if bottom else (),
+        cfg = PriorConfig(channels=args.channels, num_layers=args.layers, kernel_size=args.kernel,
+                          attention_every=0 if bottom else args.attention_every, num_heads=args.heads, dropout=0.1,
                           condition_res_blocks=args.cond_blocks if bottom else 0,
                           condition_channels=args.channels, kernel_backend=args.backend)
-        model = GatedPixelCNN(cfg)
+        layout = PriorLayout(num_codes=args.codes, shape=(h, w), condition_num_codes=args.codes if bottom else 0,
+                             condition_shape=(h // 2, w // 2) if bottom else ())
+        model = GatedPixelCNN(cfg, layout)
 
         def batch():
             codes = torch.randint(args.codes, (args.batch, h, w), device=args.device)

@@ -17,6 +17,14 @@ import torch
 from vqgen.errors import ConfigError
 
 Backend = Literal["auto", "triton", "torch"]
+BACKENDS: tuple[Backend, ...] = ("auto", "triton", "torch")
+
+
+def check_backend(backend: str, key: str = "backend") -> Backend:
+    """``backend`` if it is one of :data:`BACKENDS`; else a ConfigError naming ``key``."""
+    if backend not in BACKENDS:
+        raise ConfigError(key, f"must be auto, triton or torch, got {backend!r}")
+    return backend
 
 
 def triton_available() -> bool:
@@ -45,6 +53,7 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 def use_triton(backend: Backend, x: torch.Tensor, supported: bool = True) -> bool:
     """Resolve the dispatch for an op on ``x``; ``supported``: the kernel handles these inputs."""
+    check_backend(backend)
     if backend == "torch":
         return False
     if backend == "auto":
@@ -55,7 +64,6 @@ def use_triton(backend: Backend, x: torch.Tensor, supported: bool = True) -> boo
         if not (x.is_cuda or interpreting()):
             raise ConfigError("backend", "'triton' needs CUDA tensors (or TRITON_INTERPRET=1 on a CPU)")
         return True
-    raise ConfigError("backend", f"expected 'auto', 'triton' or 'torch', got {backend!r}")
 
 
 def build_triton_kernels(fn, *, configs: list, key: list[str]) -> dict[bool, object]:

@@ -20,8 +20,7 @@ import torch
 import torch.nn.functional as F
 from einops import repeat
 
-from vqgen.errors import ConfigError
-from vqgen.kernels import Backend
+from vqgen.kernels import Backend, check_backend
 
 
 def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_k: torch.Tensor, start_v: torch.Tensor):
@@ -44,10 +43,6 @@ def _shift_in(x: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
     return torch.cat([first, x[:, :, :-1]], dim=2)
 
 
-def _resolve(backend: Backend) -> Backend:
-    if backend not in ("auto", "triton", "torch"):
-        raise ConfigError("backend", f"expected 'auto', 'triton' or 'torch', got {backend!r}")
-    return backend
 
 
 def strictly_causal_attention_reference(
@@ -103,7 +98,7 @@ def strictly_causal_attention(
     Returns:
         ``[B, heads, L, d_v]`` in ``q``'s dtype.
     """
-    if _resolve(backend) == "torch":
+    if check_backend(backend) == "torch":
         return strictly_causal_attention_reference(q, k, v, start_k, start_v, scale=scale, dropout_p=dropout_p)
     _check_qkv(q, k, v, start_k, start_v)
     k_shifted, v_shifted = _shift_in(k, start_k), _shift_in(v, start_v)

@@ -24,7 +24,7 @@ from vqgen.configtools import split_by_role
 from vqgen.data import CodeLevel, CodeStoreWriter, inspect_store, make_meta, read_store_meta, store_checksum
 from vqgen.data.datasets import DataConfig, build_dataset, skipped_files_report
 from vqgen.distributed import shard_indices
-from vqgen.stage import Stage, StageResult
+from vqgen.stage import Stage, StageResult, check_data
 from vqgen.models.export import load_model
 from vqgen.utils import sha256_json
 
@@ -116,4 +116,4 @@ def run(sections: dict, run_dir: Path, accelerator: Accelerator) -> StageResult:
     return StageResult(outputs, metrics, files=tuple(content), content=content)
 
 
-STAGES = (Stage("extract-codes", DIR, ("run", "data", "codes"), ("train-vqvae",), run),)
+STAGES = (Stage("extract-codes", DIR, ("run", "data", "codes"), ("train-vqvae",), run, preflight=check_data),)

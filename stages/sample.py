@@ -60,13 +60,13 @@ def sample_batch(cfg: SampleStageConfig, models, batch: int, n: int, device, pro
     # A CPU generator: every random number is drawn on the CPU and moved, so a seed gives the same
     # samples on any device and any number of processes.
     generator = torch.Generator(device="cpu").manual_seed(cfg.seed * 1_000_003 + batch)
-    num_classes = top_prior.config.num_classes
+    num_classes = top_prior.layout.num_classes
     labels = None
     if num_classes:
         labels = (torch.full((n,), cfg.label) if cfg.label >= 0 else torch.randint(num_classes, (n,), generator=generator)).to(device)
     top = sample(top_prior, n, labels=labels, config=cfg.top, generator=generator, cached=cfg.cached,
                  cuda_graphs=cfg.cuda_graphs, progress=progress)
-    bottom_labels = labels if bottom_prior.config.num_classes else None
+    bottom_labels = labels if bottom_prior.layout.num_classes else None
     bottom = sample(bottom_prior, n, labels=bottom_labels, condition=top, config=cfg.bottom, generator=generator,
                     cached=cfg.cached, cuda_graphs=cfg.cuda_graphs, progress=progress)
     images = to_uint8(vqvae.decode_codes(top, bottom).float()).cpu()

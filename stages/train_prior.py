@@ -11,7 +11,6 @@ the bottom one especially, overfit long before the last step.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from pathlib import Path
@@ -19,7 +18,6 @@ from typing import Literal
 
 import torch
 from accelerate import Accelerator
-from torch.utils.data import DataLoader
 
 from vqgen.config import PriorStageConfig
 from vqgen.data.code_dataset import CodeDataset
@@ -28,7 +26,7 @@ from vqgen.errors import ConfigError
 from vqgen.evaluation import prior_bits_per_dim, prior_loss_fn
 from vqgen.stage import Stage, StageResult
 from vqgen.models.export import export_model, load_model
-from vqgen.models.pixelcnn import GatedPixelCNN, PriorConfig
+from vqgen.models.pixelcnn import GatedPixelCNN, PriorLayout
 from vqgen.pictures import save_grid
 from vqgen.sampling import SamplerConfig, sample
 from vqgen.train import best_weights, fit
@@ -40,23 +38,18 @@ def stage_dir_name(level: Level) -> str:
     return f"prior-{level}"
 
 
-def resolve_model_config(cfg: PriorStageConfig, store: CodeDataset, level: Level) -> PriorConfig:
-    """Fill the sizes that the code store dictates; refuse a config that contradicts them."""
-    derived = {
-        "num_codes": store.num_codes[level],
-        "shape": tuple(store.shapes[level]),
-        "num_classes": store.num_classes if cfg.class_conditional else 0,
-        "condition_num_codes": store.num_codes["top"] if level == "bottom" else 0,
-        "condition_shape": tuple(store.shapes["top"]) if level == "bottom" else (),
-    }
-    if cfg.class_conditional and store.num_classes == 0:
+def store_layout(store: CodeDataset, level: Level, class_conditional: bool) -> PriorLayout:
+    """What the prior of ``level`` models and reads, as the code store holds it."""
+    if class_conditional and store.num_classes == 0:
         raise ConfigError("class_conditional", "the code store holds no class labels")
-    defaults = PriorConfig()
-    for key, value in derived.items():
-        given = getattr(cfg.model, key)
-        if given != getattr(defaults, key) and given != value:
-            raise ConfigError(f"model.{key}", f"is {given!r} but the code store needs {value!r} (leave it unset)")
-    return dataclasses.replace(cfg.model, **derived)
+    bottom = level == "bottom"
+    return PriorLayout(
+        num_codes=store.num_codes[level],
+        shape=tuple(store.shapes[level]),
+        num_classes=store.num_classes if class_conditional else 0,
+        condition_num_codes=store.num_codes["top"] if bottom else 0,
+        condition_shape=tuple(store.shapes["top"]) if bottom else (),
+    )
 
 
 @torch.no_grad()
@@ -65,8 +58,8 @@ def write_samples(prior, level: Level, run_dir: Path, eval_store, n: int, path: 
     vqvae, _, _ = load_model(run_dir / "vqvae", device=device)
     generator = torch.Generator(device="cpu").manual_seed(0)
     labels = None
-    if prior.config.num_classes:
-        labels = torch.arange(n, device=device) % prior.config.num_classes
+    if prior.layout.num_classes:
+        labels = torch.arange(n, device=device) % prior.layout.num_classes
     real = [eval_store[i] for i in range(min(n, len(eval_store)))]
     if level == "top":
         top = sample(prior, len(real), labels=labels[: len(real)] if labels is not None else None,
@@ -74,13 +67,13 @@ def write_samples(prior, level: Level, run_dir: Path, eval_store, n: int, path: 
         bottom_dir = run_dir / stage_dir_name("bottom")
         if (bottom_dir / "model.json").exists():
             bottom_prior, _, _ = load_model(bottom_dir, device=device)
-            bottom = sample(bottom_prior, len(real), labels=labels[: len(real)] if bottom_prior.config.num_classes else None,
+            bottom = sample(bottom_prior, len(real), labels=labels[: len(real)] if bottom_prior.layout.num_classes else None,
                             condition=top, config=SamplerConfig(), generator=generator)
         else:  # no bottom prior yet: show the top samples over real bottom codes
             bottom = torch.stack([r["bottom"] for r in real]).to(device)
     else:
         top = torch.stack([r["top"] for r in real]).to(device)
-        lab = torch.tensor([r["label"] for r in real], device=device) if prior.config.num_classes else None
+        lab = torch.tensor([r["label"] for r in real], device=device) if prior.layout.num_classes else None
         bottom = sample(prior, len(real), labels=lab, condition=top, config=SamplerConfig(), generator=generator)
     save_grid(vqvae.decode_codes(top.to(device), bottom.to(device)).float().cpu(), path)
 
@@ -92,8 +85,8 @@ def run(sections: dict, run_dir: Path, accelerator: Accelerator, *, level: Level
     train_store = CodeDataset(codes_dir / "codes.lmdb")
     eval_path = codes_dir / "eval.lmdb"
     eval_store = CodeDataset(eval_path) if eval_path.exists() else train_store
-    model_cfg = resolve_model_config(cfg, train_store, level)
-    model = GatedPixelCNN(model_cfg)
+    layout = store_layout(train_store, level, cfg.class_conditional)
+    model = GatedPixelCNN(cfg.model, layout)
     eval_loader = shard_loader(eval_store, cfg.train.batch_size, accelerator, cfg.train.num_workers)
 
     def evaluate(model):
@@ -108,10 +101,10 @@ def run(sections: dict, run_dir: Path, accelerator: Accelerator, *, level: Level
     state = fit(model, train_store, cfg.train, accelerator, stage_dir, loss_fn, evaluate, snapshot, "val_bits_per_dim")
     model = best_weights(accelerator.unwrap_model(model), state, stage_dir)
     bpd = prior_bits_per_dim(model, eval_loader, accelerator, level, cfg.class_conditional)
-    checksum = export_model(model, model_cfg, stage_dir) if accelerator.is_main_process else None
+    checksum = export_model(model, stage_dir) if accelerator.is_main_process else None
     outputs = {"model": "model.safetensors", "model_sha256": checksum, "steps": state.step,
                "exported_step": state.best_step if state.best_step >= 0 else state.step}
-    metrics = {"val_bits_per_dim": bpd, "uniform_bits_per_dim": math.log2(model_cfg.num_codes)}
+    metrics = {"val_bits_per_dim": bpd, "uniform_bits_per_dim": math.log2(layout.num_codes)}
     return StageResult(outputs, metrics, files=("model.safetensors", "model.json"))
 
 

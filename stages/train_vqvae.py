@@ -16,7 +16,7 @@ from vqgen.config import VQVAEStageConfig
 from vqgen.data.datasets import DataConfig, build_dataset, skipped_files_report
 from vqgen.distributed import shard_loader
 from vqgen.evaluation import reconstruction_metrics, vqvae_loss
-from vqgen.stage import Stage, StageResult
+from vqgen.stage import Stage, StageResult, check_data
 from vqgen.models.export import export_model
 from vqgen.models.vqvae2 import VQVAE2
 from vqgen.pictures import save_grid
@@ -53,7 +53,7 @@ def run(sections: dict, run_dir: Path, accelerator: Accelerator) -> StageResult:
     state = fit(model, train_set, cfg.train, accelerator, stage_dir, vqvae_loss, evaluate, snapshot, "val_recon_mse")
     model = best_weights(accelerator.unwrap_model(model), state, stage_dir)
     metrics = reconstruction_metrics(model, eval_loader, accelerator)  # the whole eval split
-    checksum = export_model(model, cfg.model, stage_dir) if accelerator.is_main_process else None
+    checksum = export_model(model, stage_dir) if accelerator.is_main_process else None
     outputs = {"model": "model.safetensors", "model_sha256": checksum, "steps": state.step,
                "exported_step": state.best_step if state.best_step >= 0 else state.step}
     skipped, lines = skipped_files_report(train=train_set, eval=eval_set)
@@ -63,4 +63,4 @@ def run(sections: dict, run_dir: Path, accelerator: Accelerator) -> StageResult:
     return StageResult(outputs, metrics, files=("model.safetensors", "model.json"))
 
 
-STAGES = (Stage("train-vqvae", DIR, ("run", "data", "vqvae"), (), run),)
+STAGES = (Stage("train-vqvae", DIR, ("run", "data", "vqvae"), (), run, preflight=check_data),)

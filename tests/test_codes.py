@@ -17,7 +17,7 @@ from vqgen.data.code_format import CodeLevel, index_key, make_meta
 from vqgen.data.code_inspection import format_inspection, inspect_store
 from vqgen.data.code_readers import read_store_meta
 from vqgen.data.code_writer import CodeStoreWriter
-from vqgen.errors import ConfigError, DataError
+from vqgen.errors import DataError
 
 LEVELS = [CodeLevel("top", (2, 2), 8), CodeLevel("bottom", (4, 4), 16)]
 
@@ -175,21 +175,6 @@ def test_wrong_record_size_names_the_key(tmp_path):
     ds.close()
     with pytest.raises(DataError, match="000000003"):
         inspect_store(path)
-
-
-def test_validate_against_names_the_field(tmp_path):
-    path = tmp_path / "codes.lmdb"
-    write_store(path, 2)
-    ds = CodeDataset(path)
-    ds.validate_against("top", 8, (2, 2), num_classes=3, prefix="prior.top")
-    with pytest.raises(ConfigError, match=r"^prior\.top\.num_codes: is 512 .* codebook of 8"):
-        ds.validate_against("top", 512, prefix="prior.top")
-    with pytest.raises(ConfigError, match=r"^prior\.bottom\.shape: is \(8, 8\)"):
-        ds.validate_against("bottom", 16, (8, 8), prefix="prior.bottom")
-    with pytest.raises(ConfigError, match=r"^num_classes: is 2 .* has 3 classes"):
-        ds.validate_against("top", 8, num_classes=2)
-    with pytest.raises(ConfigError, match="'middle' is not a level"):
-        ds.validate_against("middle", 8)
 
 
 def test_dataloader_workers_open_lazily(tmp_path):

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from test_sampling import BOTTOM, TOP, build
-from test_vqvae2 import TINY
-from vqgen.models.vqvae2 import VQVAE2, VQVAEConfig
+from test_vqvae2 import tiny_config
+from vqgen.models.vqvae2 import VQVAE2
 
 
 @pytest.fixture(autouse=True)
@@ -29,7 +29,7 @@ def fresh_dynamo():
 def test_prior_compiles_to_one_graph_with_eager_results(settings):
     prior, labels, condition = build(settings, batch=3)
     prior.train()
-    codes = torch.randint(0, prior.config.num_codes, (3, *prior.config.shape), generator=torch.Generator().manual_seed(7))
+    codes = torch.randint(0, prior.layout.num_codes, (3, *prior.layout.shape), generator=torch.Generator().manual_seed(7))
     compiled = torch.compile(prior, backend="aot_eager", fullgraph=True)  # fullgraph: a graph break is an error
 
     eager_logits = prior(codes, labels, condition)
@@ -46,7 +46,7 @@ def test_prior_compiles_to_one_graph_with_eager_results(settings):
 
 def test_vqvae_trains_the_same_compiled_and_eager():
     torch.manual_seed(0)
-    eager = VQVAE2(VQVAEConfig(**TINY))
+    eager = VQVAE2(tiny_config())
     other = copy.deepcopy(eager)
     compiled = torch.compile(other, backend="aot_eager")
     optimizers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (eager, other)]
@@ -100,15 +100,15 @@ def test_prior_with_fused_kernels_traces_to_one_graph(traced_as_on_a_gpu, dtype)
         prior, _, _ = build(TOP, batch=2)  # built on the fake CUDA device
     finally:
         torch.set_default_dtype(default)
-    codes = torch.randint(0, prior.config.num_codes, (2, *prior.config.shape))
-    labels = torch.randint(0, prior.config.num_classes, (2,))
+    codes = torch.randint(0, prior.layout.num_codes, (2, *prior.layout.shape))
+    labels = torch.randint(0, prior.layout.num_classes, (2,))
     explanation = torch._dynamo.explain(prior.train())(codes, labels)
     assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), explanation.break_reasons
     assert traced_as_on_a_gpu["gated"] == prior.config.num_layers
 
 
 def test_vqvae_with_fused_search_breaks_only_at_the_codebook_decisions(traced_as_on_a_gpu):
-    model = VQVAE2(VQVAEConfig(**TINY)).train()
+    model = VQVAE2(tiny_config()).train()
     for quantizer in (model.quantizer_top, model.quantizer_bottom):
         quantizer._host_step = 1  # past the first step (its count cannot be read from a fake tensor)
     images = torch.rand(2, 3, 32, 32)

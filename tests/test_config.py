@@ -23,10 +23,10 @@ def test_every_shipped_pipeline_loads(path):
 
 
 def test_overrides_are_typed_and_nested():
-    cfg = load_config(None, ["vqvae.train.lr=3e-4", "prior.top.model.shape=[8, 8]", "data.kind=npz",
+    cfg = load_config(None, ["vqvae.train.lr=3e-4", 'data.procedural.backgrounds=["solid"]', "data.kind=npz",
                              "data.root=images.npz", "run.name=x", "sample.top.temperature=0"])
     assert cfg.vqvae.train.lr == 3e-4
-    assert cfg.prior.top.model.shape == (8, 8)
+    assert cfg.data.procedural.backgrounds == ("solid",)
     assert cfg.data.kind == "npz" and cfg.data.root == "images.npz"
     assert cfg.sample.top.temperature == 0.0 and isinstance(cfg.sample.top.temperature, float)
 
@@ -37,7 +37,7 @@ def test_overrides_are_typed_and_nested():
         ("vqvae.train.lr=fast", "vqvae.train.lr", "expected float"),
         ("vqvae.train.steps=1.5", "vqvae.train.steps", "expected int"),
         ("vqvae.train.stepz=10", "vqvae.train.stepz", "unknown key"),
-        ("vqvae.model.decay=1.5", "vqvae.model.decay", "(0, 1)"),
+        ("vqvae.model.quantizer.decay=1.5", "vqvae.model.quantizer.decay", "(0, 1)"),
         ("data.kind=imagenet", "data.kind", "expected one of"),
         ("prior.top.model.kernel_size=4", "prior.top.model.kernel_size", "odd"),
         ("data.image_size=30", "data.image_size", "multiple of 8"),
@@ -50,6 +50,23 @@ def test_bad_values_name_the_key(override, key, words):
         load_config(None, [override])
     assert str(err.value).startswith(key + ":"), str(err.value)
     assert words in str(err.value)
+
+
+@pytest.mark.parametrize("key", ["num_codes", "code_dim", "decay", "commitment_cost", "kernel_backend"])
+def test_flat_quantizer_keys_name_their_new_place(key, tmp_path):
+    path = tmp_path / "old.toml"
+    path.write_text(f"[vqvae.model]\n{key} = 1\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value) == f"vqvae.model.{key}: has moved: it is now vqvae.model.quantizer.{key}"
+
+
+@pytest.mark.parametrize("key, value", [("num_codes", "512"), ("shape", "[8, 8]"), ("num_classes", "10"),
+                                        ("condition_shape", "[4, 4]")])
+def test_store_derived_prior_sizes_are_not_config_keys(key, value):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [f"prior.bottom.model.{key}={value}"])
+    assert str(err.value).startswith(f"prior.bottom.model.{key}: is set by the code store")
 
 
 def test_resolved_config_round_trips():

@@ -20,7 +20,8 @@ from vqgen.data.datasets import (
     to_uint8,
 )
 from vqgen.data import procedural
-from vqgen.data.procedural import PALETTE, SHADE, SHAPE_NAMES
+from vqgen.data.procedural import PALETTE, SHADE, SHAPE_NAMES, ProceduralConfig
+from vqgen.configtools import from_dict
 from vqgen.errors import ConfigError, DataError
 
 
@@ -29,19 +30,19 @@ from vqgen.errors import ConfigError, DataError
 
 
 def test_procedural_is_deterministic_per_index():
-    cfg = DataConfig(procedural_size=40, seed=3)
+    cfg = DataConfig(procedural=ProceduralConfig(size=40, seed=3))
     first, again = build_dataset(cfg, "train"), build_dataset(cfg, "train")
     image, label = first[7]
     assert torch.equal(image, again[7][0]) and label == again[7][1]
     assert not torch.equal(image, first[8][0])
     assert not torch.equal(image, build_dataset(cfg, "eval")[7][0])  # eval is another stream
-    assert not torch.equal(image, build_dataset(DataConfig(procedural_size=40, seed=4), "train")[7][0])
+    assert not torch.equal(image, build_dataset(DataConfig(procedural=ProceduralConfig(size=40, seed=4)), "train")[7][0])
 
 
 def test_procedural_shape_range_and_labels():
-    ds = build_dataset(DataConfig(procedural_size=200), "train")
+    ds = build_dataset(DataConfig(procedural=ProceduralConfig(size=200)), "train")
     assert len(ds) == 200 and ds.num_classes == len(SHAPE_NAMES)
-    assert len(build_dataset(DataConfig(procedural_size=200), "eval")) == 50
+    assert len(build_dataset(DataConfig(procedural=ProceduralConfig(size=200)), "eval")) == 50
     images, labels = zip(*(ds[i] for i in range(len(ds))))
     images = torch.stack(images)
     assert images.shape == (200, 3, 32, 32) and images.dtype == torch.float32
@@ -53,10 +54,10 @@ def test_procedural_shape_range_and_labels():
 
 
 def test_procedural_other_sizes_and_grey():
-    grey = build_dataset(DataConfig(image_size=16, channels=1, procedural_size=4), "train")
+    grey = build_dataset(DataConfig(image_size=16, channels=1, procedural=ProceduralConfig(size=4)), "train")
     image, _ = grey[0]
     assert image.shape == (1, 16, 16)
-    big, _ = build_dataset(DataConfig(image_size=64, procedural_size=4), "train")[0]
+    big, _ = build_dataset(DataConfig(image_size=64, procedural=ProceduralConfig(size=4)), "train")[0]
     assert big.shape == (3, 64, 64)
 
 
@@ -75,21 +76,20 @@ def test_procedural_palette_limits_the_colours():
     colours = {tuple(procedural._contrasting_colour(rng, palette[:1], palette)) for _ in range(30)}
     assert len(colours) > 1
     # Wired through the config: a palette set differs from the plain one, bad sizes are refused.
-    ds = build_dataset(DataConfig(procedural_size=8, procedural_palette=4), "train")
-    assert not torch.equal(ds[0][0], build_dataset(DataConfig(procedural_size=8), "train")[0][0])
-    with pytest.raises(ConfigError, match="procedural_palette"):
-        DataConfig(procedural_palette=1)
-    with pytest.raises(ConfigError, match="procedural_palette"):
-        DataConfig(procedural_palette=len(PALETTE) + 1)
+    ds = build_dataset(DataConfig(procedural=ProceduralConfig(size=8, palette=4)), "train")
+    assert not torch.equal(ds[0][0], build_dataset(DataConfig(procedural=ProceduralConfig(size=8)), "train")[0][0])
+    with pytest.raises(ConfigError, match=r"^procedural\.palette:"):
+        from_dict(DataConfig, {"procedural": {"palette": 1}})
+    with pytest.raises(ConfigError, match=r"^procedural\.palette:"):
+        from_dict(DataConfig, {"procedural": {"palette": len(PALETTE) + 1}})
 
 
 def test_procedural_backgrounds_and_rotation_options():
-    plain = build_dataset(DataConfig(procedural_size=30), "train")
+    plain = build_dataset(DataConfig(procedural=ProceduralConfig(size=30)), "train")
     # The defaults name every background kind and rotate: the same images as the plain set.
-    explicit = build_dataset(DataConfig(procedural_size=30, procedural_backgrounds=procedural.BACKGROUNDS,
-                                        procedural_rotate=True), "train")
+    explicit = build_dataset(DataConfig(procedural=ProceduralConfig(size=30, backgrounds=procedural.BACKGROUNDS, rotate=True)), "train")
     assert all(torch.equal(plain[i][0], explicit[i][0]) for i in range(30))
-    solid = build_dataset(DataConfig(procedural_size=30, procedural_backgrounds=("solid",)), "train")
+    solid = build_dataset(DataConfig(procedural=ProceduralConfig(size=30, backgrounds=("solid",))), "train")
     for i in range(30):
         image = solid[i][0]
         # A solid background: the four corners (never covered by the shape) have one colour.
@@ -100,25 +100,32 @@ def test_procedural_backgrounds_and_rotation_options():
     square = procedural.shape_sdf(SHAPE_NAMES.index("square"), x, y, 10.0, 0.0)
     assert np.allclose(square, square[::-1]) and np.allclose(square, square[:, ::-1])
     # Only the shape's angle changes: circles and rings are the same images, the others are not.
-    upright = build_dataset(DataConfig(procedural_size=30, procedural_rotate=False), "train")
+    upright = build_dataset(DataConfig(procedural=ProceduralConfig(size=30, rotate=False)), "train")
     round_shapes = {SHAPE_NAMES.index("circle"), SHAPE_NAMES.index("ring")}
     for i in range(30):
         same = torch.equal(plain[i][0], upright[i][0])
         assert same == (plain[i][1] in round_shapes), i
-    with pytest.raises(ConfigError, match="procedural_backgrounds"):
-        DataConfig(procedural_backgrounds=())
+    with pytest.raises(ConfigError, match=r"^procedural\.backgrounds:"):
+        from_dict(DataConfig, {"procedural": {"backgrounds": []}})
+
+
+@pytest.mark.parametrize("old, new", [("procedural_size", "procedural.size"), ("procedural_palette", "procedural.palette"),
+                                      ("procedural_rotate", "procedural.rotate"), ("seed", "procedural.seed")])
+def test_flat_procedural_keys_name_their_new_place(old, new):
+    with pytest.raises(ConfigError, match=rf"^{old}: has moved: it is now {new}$"):
+        from_dict(DataConfig, {old: 4})
 
 
 def test_num_train_takes_the_first_items():
-    full = build_dataset(DataConfig(procedural_size=30), "train")
-    part = build_dataset(DataConfig(procedural_size=30, num_train=5), "train")
+    full = build_dataset(DataConfig(procedural=ProceduralConfig(size=30)), "train")
+    part = build_dataset(DataConfig(num_train=5, procedural=ProceduralConfig(size=30)), "train")
     assert len(part) == 5 and torch.equal(part[4][0], full[4][0])
     with pytest.raises(IndexError):
         part[5]
 
 
 def test_hflip_only_when_augmenting():
-    cfg = DataConfig(procedural_size=4, hflip=True)
+    cfg = DataConfig(hflip=True, procedural=ProceduralConfig(size=4))
     plain = build_dataset(cfg, "train")[0][0]
     assert all(torch.equal(build_dataset(cfg, "train")[0][0], plain) for _ in range(5))
     augmented = build_dataset(cfg, "train", augment=True)

@@ -59,7 +59,7 @@ def test_ddp_training_keeps_ranks_identical(tmp_path):
 
 
 # Uneven splits: 37 = 19 + 18 training and 7 = 4 + 3 evaluation images, 11 samples in 4 batches.
-SPLITS = ("data.procedural_size=37", "data.num_eval=7", "codes.batch_size=4", "codes.commit_every=3",
+SPLITS = ("data.procedural.size=37", "data.num_eval=7", "codes.batch_size=4", "codes.commit_every=3",
           "sample.num_samples=11", "sample.batch_size=3")
 
 

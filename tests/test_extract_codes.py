@@ -14,7 +14,7 @@ from vqgen.pipeline import run_single_stage
 from vqgen.models.export import load_model
 from vqgen.stages.extract_codes import store_meta
 
-SIZES = ("data.procedural_size=30", "data.num_eval=6", "codes.batch_size=4")
+SIZES = ("data.procedural.size=30", "data.num_eval=6", "codes.batch_size=4")
 
 
 def records(path):

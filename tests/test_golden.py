@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import torch
 
-from vqgen.models.pixelcnn import GatedPixelCNN, PriorConfig
+from vqgen.models.pixelcnn import GatedPixelCNN, PriorConfig, PriorLayout
+from vqgen.models.quantize import QuantizerConfig
 from vqgen.models.vqvae2 import VQVAE2, VQVAEConfig
 from vqgen.sampling import SamplerConfig, sample
 
 
 def test_vqvae2_codes_and_reconstruction_are_pinned():
     torch.manual_seed(0)
-    model = VQVAE2(VQVAEConfig(hidden_channels=16, res_channels=8, num_res_blocks=1, num_codes=32, code_dim=8))
+    model = VQVAE2(VQVAEConfig(hidden_channels=16, res_channels=8, num_res_blocks=1,
+                                 quantizer=QuantizerConfig(num_codes=32, code_dim=8)))
     images = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
     with torch.no_grad():
         model.train()(images)  # the first training batch places the codebooks (data init)
@@ -32,11 +34,11 @@ def test_vqvae2_codes_and_reconstruction_are_pinned():
 
 def test_prior_logits_and_samples_are_pinned():
     torch.manual_seed(0)
-    prior = GatedPixelCNN(PriorConfig(
-        num_codes=16, shape=(4, 4), channels=16, num_layers=3, kernel_size=3, attention_every=2, num_heads=2,
-        dropout=0.0, num_classes=3, condition_num_codes=8, condition_shape=(2, 2), condition_channels=8,
-        condition_res_blocks=1,
-    )).eval()
+    prior = GatedPixelCNN(
+        PriorConfig(channels=16, num_layers=3, kernel_size=3, attention_every=2, num_heads=2, dropout=0.0,
+                    condition_channels=8, condition_res_blocks=1),
+        PriorLayout(num_codes=16, shape=(4, 4), num_classes=3, condition_num_codes=8, condition_shape=(2, 2)),
+    ).eval()
     codes = torch.randint(0, 16, (2, 4, 4), generator=torch.Generator().manual_seed(2))
     condition = torch.randint(0, 8, (2, 2, 2), generator=torch.Generator().manual_seed(3))
     labels = torch.tensor([0, 2])

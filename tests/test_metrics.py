@@ -11,7 +11,7 @@ import scipy.linalg
 import torch
 
 from vqgen.errors import CheckpointError, DataError
-from vqgen.metrics import fid
+from vqgen.metrics import inception_weights
 from vqgen.metrics import (
     INCEPTION_CONFIG_KEY,
     INCEPTION_URL,
@@ -67,7 +67,10 @@ def test_psnr_rejects_mismatched_shapes():
 
 def test_bits_per_dim():
     assert bits_per_dim(math.log(2.0)) == pytest.approx(1.0)
-    assert bits_per_dim(torch.tensor(3 * math.log(2.0) * 10), num_dims=10) == pytest.approx(3.0)
+    bits = bits_per_dim(torch.tensor(3 * math.log(2.0) * 10), num_dims=10)
+    assert isinstance(bits, torch.Tensor)  # a tensor stays a tensor (no read back from the device)
+    assert float(bits) == pytest.approx(3.0)
+    assert isinstance(bits_per_dim(10), float)
 
 
 def test_codebook_usage_on_known_histograms():
@@ -204,7 +207,7 @@ def test_missing_hub_cache_weights_names_the_cache_path(tmp_path, monkeypatch):
     expected = tmp_path / "torch-home" / "hub" / "checkpoints" / "pt_inception-2015-12-05-6726825d.pth"
     assert default_inception_path() == expected
     with pytest.raises(CheckpointError) as info:
-        resolve_inception_weights(None)
+        resolve_inception_weights(None, download=False)  # never reach the internet from a test
     assert str(expected) in str(info.value) and INCEPTION_URL in str(info.value)
 
 
@@ -288,7 +291,7 @@ def test_weights_with_the_standard_file_prefix_are_accepted(tmp_path, real_state
     with pytest.raises(CheckpointError, match="not the standard"):
         load_inception_state_dict(edited)
     # A file whose sha256 starts like the standard file's is taken as that file, whatever it holds.
-    monkeypatch.setattr(fid, "INCEPTION_SHA256_PREFIX", sha256_file(edited)[:8])
+    monkeypatch.setattr(inception_weights, "INCEPTION_SHA256_PREFIX", sha256_file(edited)[:8])
     assert len(load_inception_state_dict(edited)) == 564
 
 

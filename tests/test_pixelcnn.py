@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import math
+from dataclasses import fields
 
 import pytest
 import torch
+import torch.nn.functional as F
+
+from prior_settings import split_settings, tiny_prior
 
 from vqgen.configtools import from_dict
 from vqgen.errors import ConfigError, DataError
 from vqgen.kernels.causal_attention import strictly_causal_attention
-from vqgen.models.pixelcnn import GatedPixelCNN, PriorConfig, bits_per_dim
+from vqgen.metrics.image import bits_per_dim
+from vqgen.models.pixelcnn import GatedPixelCNN, PriorConfig, PriorLayout
 
 SHAPE = (8, 8)
 
@@ -24,25 +29,26 @@ def single_thread():
     torch.set_num_threads(threads)
 
 
-def top_config(**overrides) -> PriorConfig:
-    """Tiny top prior: class-conditional, attention after layers 1 and 3."""
+def top_config(**overrides) -> dict:
+    """Tiny top prior's settings (PriorConfig and PriorLayout fields): class-conditional, attention
+    after layers 1 and 3."""
     base = dict(
         num_codes=16, shape=SHAPE, channels=32, num_layers=4, kernel_size=5, attention_every=2,
         num_heads=4, dropout=0.0, num_classes=3,
     )
-    return PriorConfig(**{**base, **overrides})
+    return {**base, **overrides}
 
 
-def bottom_config(**overrides) -> PriorConfig:
-    """Tiny bottom prior: conditioned on a 4x4 top map through a one-block conditioning stack."""
+def bottom_config(**overrides) -> dict:
+    """Tiny bottom prior's settings: conditioned on a 4x4 top map through a one-block conditioning stack."""
     base = dict(
         num_codes=16, shape=SHAPE, channels=32, num_layers=4, kernel_size=5, dropout=0.0,
         condition_num_codes=8, condition_shape=(4, 4), condition_channels=16, condition_res_blocks=1,
     )
-    return PriorConfig(**{**base, **overrides})
+    return {**base, **overrides}
 
 
-def make_inputs(cfg: PriorConfig, batch: int, seed: int = 0):
+def make_inputs(cfg: PriorLayout, batch: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     codes = torch.randint(0, cfg.num_codes, (batch, *cfg.shape), generator=g)
     labels = torch.randint(0, cfg.num_classes, (batch,), generator=g) if cfg.num_classes else None
@@ -54,7 +60,7 @@ def make_inputs(cfg: PriorConfig, batch: int, seed: int = 0):
     return codes, labels, condition
 
 
-def input_gradient_map(prior: GatedPixelCNN, cfg: PriorConfig, i: int, j: int) -> torch.Tensor:
+def input_gradient_map(prior: GatedPixelCNN, cfg: PriorLayout, i: int, j: int) -> torch.Tensor:
     """``[H, W]`` total |d logits[:, :, i, j] / d input embedding| per input position."""
     codes, labels, condition = make_inputs(cfg, batch=1)
     x = prior.embed_codes(codes).detach().requires_grad_(True)
@@ -69,8 +75,8 @@ def input_gradient_map(prior: GatedPixelCNN, cfg: PriorConfig, i: int, j: int) -
 @pytest.mark.parametrize("position", [(3, 3), (4, 5), (6, 4)])
 def test_logits_depend_only_on_earlier_positions(make_config, position):
     torch.manual_seed(0)
-    cfg = make_config()
-    prior = GatedPixelCNN(cfg).eval()
+    prior = tiny_prior(make_config()).eval()
+    cfg = prior.layout
     i, j = position
     grad = input_gradient_map(prior, cfg, i, j)
     width = cfg.shape[1]
@@ -87,8 +93,8 @@ def test_logits_depend_only_on_earlier_positions(make_config, position):
 def test_blind_spot_free_up_right_beyond_one_layer():
     """Top-right of the current position, 3 rows up and 3 columns right, reached by the 4-layer stack."""
     torch.manual_seed(0)
-    cfg = bottom_config()
-    prior = GatedPixelCNN(cfg).eval()
+    prior = tiny_prior(bottom_config()).eval()
+    cfg = prior.layout
     grad = input_gradient_map(prior, cfg, 5, 3)
     assert grad[2, 6] > 0
     assert grad[4, 7] > 0  # end of the previous row
@@ -111,8 +117,8 @@ def test_strictly_causal_attention_sees_only_earlier_positions():
 
 def test_bottom_prior_depends_on_condition_and_label():
     torch.manual_seed(0)
-    cfg = bottom_config(num_classes=4)
-    prior = GatedPixelCNN(cfg).eval()
+    prior = tiny_prior(bottom_config(num_classes=4)).eval()
+    cfg = prior.layout
     codes, labels, condition = make_inputs(cfg, batch=2)
     with torch.no_grad():
         base = prior(codes, labels, condition)
@@ -133,13 +139,13 @@ def test_bottom_prior_depends_on_condition_and_label():
 
 def test_loss_decreases_on_a_fixed_batch():
     torch.manual_seed(0)
-    cfg = top_config(dropout=0.1)
-    prior = GatedPixelCNN(cfg).train()
+    prior = tiny_prior(top_config(dropout=0.1)).train()
+    cfg = prior.layout
     codes, labels, _ = make_inputs(cfg, batch=8)
     opt = torch.optim.Adam(prior.parameters(), lr=3e-3)
     losses = []
     for _ in range(30):
-        loss = prior.loss(prior(codes, labels), codes)
+        loss = F.cross_entropy(prior(codes, labels).float(), codes)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -168,21 +174,32 @@ def test_bits_per_dim():
     ],
 )
 def test_config_rejects_bad_values(overrides, key):
+    """Each bad value is refused by the class that holds it: the architecture by PriorConfig, the
+    sizes (codebook, shapes, conditioning map) by PriorLayout."""
+    owner = PriorLayout if key in {f.name for f in fields(PriorLayout)} else PriorConfig
+    # The same settings, split between the two classes; the one holding the bad value refuses it.
     with pytest.raises(ConfigError) as err:
-        PriorConfig(**overrides)
+        split_settings({"num_codes": 512, "shape": (32, 32), **overrides})
+    assert err.value.key == key
+    # And directly, the class that owns the key (with the other class's keys left out).
+    own = {k: v for k, v in overrides.items() if k in {f.name for f in fields(owner)}}
+    base = {"num_codes": 512, "shape": (32, 32)} if owner is PriorLayout else {}
+    with pytest.raises(ConfigError) as err:
+        owner(**{**base, **own})
     assert err.value.key == key
 
 
 def test_config_loads_from_dict_with_dotted_key():
-    cfg = from_dict(PriorConfig, {"shape": [16, 16], "condition_num_codes": 8, "condition_shape": [8, 8]})
-    assert cfg.shape == (16, 16) and cfg.condition_shape == (8, 8)
+    layout = from_dict(PriorLayout, {"num_codes": 16, "shape": [16, 16], "condition_num_codes": 8,
+                                     "condition_shape": [8, 8]})
+    assert layout.shape == (16, 16) and layout.condition_shape == (8, 8)
     with pytest.raises(ConfigError, match="prior.top.kernel_size"):
         from_dict(PriorConfig, {"kernel_size": 6}, prefix="prior.top")
 
 
 def test_bad_inputs_raise_data_error_naming_the_input():
-    cfg = bottom_config(num_classes=2)
-    prior = GatedPixelCNN(cfg)
+    prior = tiny_prior(bottom_config(num_classes=2))
+    cfg = prior.layout
     codes, labels, condition = make_inputs(cfg, batch=2)
     with pytest.raises(DataError, match="codes"):
         prior(codes[:, :4], labels, condition)
@@ -206,11 +223,11 @@ def test_bad_inputs_raise_data_error_naming_the_input():
 def test_a_training_forward_reads_back_one_value(host_reads):
     """The range checks of codes, labels and condition share one read back to the host: on a GPU
     each read makes the CPU wait for the device, once per step instead of twice per input."""
-    cfg = bottom_config(num_classes=2)
-    prior = GatedPixelCNN(cfg).train()
+    prior = tiny_prior(bottom_config(num_classes=2)).train()
+    cfg = prior.layout
     codes, labels, condition = make_inputs(cfg, batch=2)
     with host_reads() as reads:
-        GatedPixelCNN.loss(prior(codes, labels, condition), codes).backward()
+        F.cross_entropy(prior(codes, labels, condition).float(), codes).backward()
     assert reads.count == 1
 
 
@@ -227,7 +244,7 @@ def test_kernel_backend_reaches_the_attention(monkeypatch):
 
     monkeypatch.setattr(attention_module, "strictly_causal_attention", spy)
     for backend in ("torch", "auto"):
-        prior = GatedPixelCNN(top_config(kernel_backend=backend)).eval()
+        prior = tiny_prior(top_config(kernel_backend=backend)).eval()
         codes = torch.randint(0, 16, (2, *SHAPE))
         prior(codes, labels=torch.tensor([0, 1]))
         assert seen and set(seen) == {backend}

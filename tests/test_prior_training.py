@@ -16,13 +16,15 @@ name = "tiny"
 out_dir = "{out}"
 tracker = "none"
 [data]
-procedural_size = 4096
 num_eval = 256
 image_size = 16
+[data.procedural]
+size = 4096
 [vqvae.model]
 hidden_channels = 32
 res_channels = 16
 num_res_blocks = 1
+[vqvae.model.quantizer]
 num_codes = 32
 code_dim = 16
 restart_every = 20

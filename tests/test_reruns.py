@@ -88,9 +88,9 @@ def test_each_change_reruns_exactly_the_stages_that_depend_on_it(tiny_pipeline):
 
     # The data: every stage, from scratch, and nothing of the old codes survives.
     old_codes = manifest(run_dir, "extract-codes")["fingerprint"]
-    out = rerun("data.seed=7")
+    out = rerun("data.procedural.seed=7")
     expect(out, **{s.replace("-", "_"): "restart" for s in STAGES})
-    assert "data.seed: 0 -> 7" in out and "resumed from" not in out
+    assert "data.procedural.seed: 0 -> 7" in out and "resumed from" not in out
     assert manifest(run_dir, "extract-codes")["fingerprint"] != old_codes
     assert manifest(run_dir, "train-vqvae")["fingerprint"] != first_vqvae
     assert not any((run_dir / ".previous").iterdir())  # each old folder went when its stage finished

@@ -6,19 +6,19 @@ import pytest
 import torch
 
 from vqgen.evaluation import prior_loss_fn
-from vqgen.models.pixelcnn import GatedPixelCNN, PriorConfig
+from vqgen.models.pixelcnn import GatedPixelCNN, PriorConfig, PriorLayout
 from vqgen.train import TrainConfig, fit, make_accelerator
 from vqgen.utils import read_json
 
-PRIOR = PriorConfig(num_codes=8, shape=(4, 4), channels=8, num_layers=2, kernel_size=3, num_heads=1,
-                    dropout=0.1, kernel_backend="torch")
+PRIOR = PriorConfig(channels=8, num_layers=2, kernel_size=3, num_heads=1, dropout=0.1, kernel_backend="torch")
+LAYOUT = PriorLayout(num_codes=8, shape=(4, 4))
 
 
 class Codes(torch.utils.data.Dataset):
     """40 random top-level code maps: 5 batches of 8 per epoch."""
 
     def __init__(self):
-        self.top = torch.randint(0, PRIOR.num_codes, (40, *PRIOR.shape), generator=torch.Generator().manual_seed(1))
+        self.top = torch.randint(0, LAYOUT.num_codes, (40, *LAYOUT.shape), generator=torch.Generator().manual_seed(1))
 
     def __len__(self):
         return len(self.top)
@@ -44,7 +44,7 @@ def train(stage_dir, checkpoint_every: int, num_workers: int, die_after: int | N
     cfg = TrainConfig(steps=9, batch_size=8, checkpoint_every=checkpoint_every, log_every=1, eval_every=0,
                       image_every=0, schedule="cosine", warmup_steps=2, num_workers=num_workers)
     torch.manual_seed(0)
-    model = GatedPixelCNN(PRIOR)
+    model = GatedPixelCNN(PRIOR, LAYOUT)
     accelerator = make_accelerator(stage_dir, tracker="none", seed=0)
     fit(model, Codes(), cfg, accelerator, stage_dir, loss_fn)
     return model

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from prior_settings import tiny_prior
+
 from vqgen.errors import ConfigError
-from vqgen.models.pixelcnn import GatedPixelCNN, PriorConfig
 from vqgen.sampling import (
     IncrementalPrior,
     SamplerConfig,
@@ -43,8 +44,8 @@ ODD = dict(
 
 def build(settings: dict, batch: int, seed: int = 0):
     torch.manual_seed(seed)
-    cfg = PriorConfig(**settings)
-    prior = GatedPixelCNN(cfg).eval()
+    prior = tiny_prior(settings).eval()
+    cfg = prior.layout
     g = torch.Generator().manual_seed(seed + 1)
     labels = torch.randint(0, cfg.num_classes, (batch,), generator=g) if cfg.num_classes else None
     condition = (
@@ -59,9 +60,9 @@ def build(settings: dict, batch: int, seed: int = 0):
 def test_cached_logits_match_full_logits_at_every_position(settings):
     batch = 3
     prior, labels, condition = build(settings, batch)
-    height, width = prior.config.shape
+    height, width = prior.layout.shape
     g = torch.Generator().manual_seed(5)
-    codes = torch.randint(0, prior.config.num_codes, (batch, height, width), generator=g)
+    codes = torch.randint(0, prior.layout.num_codes, (batch, height, width), generator=g)
     with torch.no_grad():
         full = prior(codes, labels, condition)  # [B, K, H, W]
     state = IncrementalPrior(prior, batch, labels=labels, condition=condition)
@@ -82,7 +83,7 @@ def test_cached_and_full_sampling_give_the_same_codes(settings):
     kwargs = dict(labels=labels, condition=condition, config=config)
     cached = sample(prior, 2, generator=torch.Generator().manual_seed(7), cached=True, **kwargs)
     full = sample(prior, 2, generator=torch.Generator().manual_seed(7), cached=False, **kwargs)
-    assert cached.shape == (2, *prior.config.shape) and cached.dtype == torch.int64
+    assert cached.shape == (2, *prior.layout.shape) and cached.dtype == torch.int64
     assert torch.equal(cached, full)
     # A different seed gives different samples (the generator really drives the draws).
     other = sample(prior, 2, generator=torch.Generator().manual_seed(8), **kwargs)
@@ -94,7 +95,7 @@ def test_generate_restarts_from_a_clean_state_in_the_same_buffers():
     # the same uniforms, after a half-finished manual run, must be identical, with no buffer moved.
     prior, labels, condition = build(ODD, batch=2)
     state = IncrementalPrior(prior, 2, labels=labels, condition=condition)
-    height, width = prior.config.shape
+    height, width = prior.layout.shape
     uniforms = torch.rand(height * width, 2, generator=torch.Generator().manual_seed(11))
     config = SamplerConfig(top_k=6)
     first = state.generate(config, uniforms)
@@ -103,7 +104,7 @@ def test_generate_restarts_from_a_clean_state_in_the_same_buffers():
     state.reset()
     for _ in range(width + 2):  # leave it mid-row, caches full of other codes
         state.step_logits()
-        state.commit(torch.randint(0, prior.config.num_codes, (2,)))
+        state.commit(torch.randint(0, prior.layout.num_codes, (2,)))
     again = state.generate(config, uniforms)
     assert torch.equal(first, again)
     assert addresses == [t.data_ptr() for t in (*state.cache.tensors(), state.codes)]
@@ -120,7 +121,7 @@ def test_generating_a_map_reads_nothing_back_from_the_device(settings, config, h
     recorded in a CUDA graph; the whole map is drawn without one."""
     prior, labels, condition = build(settings, batch=2)
     state = IncrementalPrior(prior, 2, labels=labels, condition=condition)
-    height, width = prior.config.shape
+    height, width = prior.layout.shape
     uniforms = torch.rand(height * width, 2, generator=torch.Generator().manual_seed(5))
     with host_reads() as reads:
         state.generate(config, uniforms)

@@ -8,13 +8,16 @@ import pytest
 import torch
 
 from vqgen.data.datasets import DataConfig, build_dataset
+from vqgen.data.procedural import ProceduralConfig
 from vqgen.errors import CheckpointError
 from vqgen.evaluation import vqvae_loss
+from vqgen.models.quantize import QuantizerConfig
 from vqgen.models.vqvae2 import VQVAE2, VQVAEConfig
 from vqgen.tracking import read_metrics_csv
 from vqgen.train import TrainConfig, build_optimizer, fit, make_accelerator
 
-TINY = VQVAEConfig(hidden_channels=16, res_channels=8, num_res_blocks=1, num_codes=16, code_dim=8, restart_every=3)
+TINY = VQVAEConfig(hidden_channels=16, res_channels=8, num_res_blocks=1,
+                   quantizer=QuantizerConfig(num_codes=16, code_dim=8, restart_every=3))
 
 
 class Interrupted(Exception):
@@ -37,7 +40,7 @@ def interrupt_after(calls: int):
 def train(tmp_path, loss_fn=vqvae_loss, **overrides):
     cfg = TrainConfig(steps=9, batch_size=8, checkpoint_every=2, log_every=1, eval_every=0, image_every=0,
                       schedule="cosine", warmup_steps=2, grad_accum_steps=1, **overrides)
-    data = build_dataset(DataConfig(procedural_size=40, image_size=16), "train", augment=True)
+    data = build_dataset(DataConfig(image_size=16, procedural=ProceduralConfig(size=40)), "train", augment=True)
     torch.manual_seed(0)
     model = VQVAE2(TINY)
     accelerator = make_accelerator(tmp_path, tracker="csv", seed=0)
@@ -123,7 +126,7 @@ def test_best_validation_weights_are_kept_across_a_resume(tmp_path):
     def snapshot(model, step):
         snapshots[step] = {k: v.clone() for k, v in model.state_dict().items()}
 
-    data = build_dataset(DataConfig(procedural_size=40, image_size=16), "train")
+    data = build_dataset(DataConfig(image_size=16, procedural=ProceduralConfig(size=40)), "train")
     cfg = TrainConfig(steps=8, batch_size=8, checkpoint_every=4, eval_every=2, image_every=2, log_every=1)
 
     def run(steps):

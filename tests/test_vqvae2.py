@@ -2,20 +2,32 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from vqgen.configtools import from_dict, to_dict
 from vqgen.errors import ConfigError, DataError
+from vqgen.models.quantize import QuantizerConfig
 from vqgen.models.vqvae2 import VQVAE2, VQVAEConfig
 
-TINY = dict(hidden_channels=16, res_channels=8, num_res_blocks=1, num_codes=32, code_dim=8)
+TINY = dict(hidden_channels=16, res_channels=8, num_res_blocks=1)
+TINY_QUANTIZER = dict(num_codes=32, code_dim=8)
+QUANTIZER_FIELDS = frozenset(f.name for f in fields(QuantizerConfig))
+
+
+def tiny_config(**overrides) -> VQVAEConfig:
+    """TINY with ``overrides``; the quantizer's settings among them go to the nested quantizer."""
+    quantizer = {**TINY_QUANTIZER, **{k: v for k, v in overrides.items() if k in QUANTIZER_FIELDS}}
+    rest = {k: v for k, v in overrides.items() if k not in QUANTIZER_FIELDS}
+    return VQVAEConfig(**{**TINY, **rest}, quantizer=QuantizerConfig(**quantizer))
 
 
 def _model(seed: int = 0, **overrides) -> VQVAE2:
     torch.manual_seed(seed)
-    return VQVAE2(VQVAEConfig(**{**TINY, **overrides}))
+    return VQVAE2(tiny_config(**overrides))
 
 
 def _images(batch: int, size: int, channels: int = 3, seed: int = 1) -> torch.Tensor:
@@ -145,11 +157,18 @@ def test_config_validation_and_round_trip():
     with pytest.raises(ConfigError, match="^hidden_channels:"):
         VQVAEConfig(hidden_channels=15)
     with pytest.raises(ConfigError, match="^decay:"):
-        VQVAEConfig(decay=1.5)
-    with pytest.raises(ConfigError, match="vqvae.num_codes"):
+        QuantizerConfig(decay=1.5)
+    with pytest.raises(TypeError):
+        VQVAEConfig(decay=0.9)  # the quantizer's settings are in its own section now
+    with pytest.raises(ConfigError, match="vqvae.quantizer.decay"):
+        from_dict(VQVAEConfig, {"quantizer": {"decay": 1.5}}, prefix="vqvae")
+    with pytest.raises(ConfigError, match="vqvae.quantizer.num_codes"):
+        from_dict(VQVAEConfig, {"quantizer": {"num_codes": 0}}, prefix="vqvae")
+    with pytest.raises(ConfigError, match="vqvae.num_codes: has moved: it is now vqvae.quantizer.num_codes"):
         from_dict(VQVAEConfig, {"num_codes": 0}, prefix="vqvae")
-    cfg = VQVAEConfig(**TINY, kernel_backend="torch")
+    cfg = tiny_config(kernel_backend="torch")
     assert from_dict(VQVAEConfig, to_dict(cfg)) == cfg
+    assert cfg.code_dim == 8
     assert cfg.quantizer_config("top").num_codes == 32 and cfg.quantizer_config("top").kernel_backend == "torch"
     assert cfg.quantizer_config("bottom").num_codes == 32
     with pytest.raises(ConfigError, match="bottom_num_codes"):
@@ -157,7 +176,7 @@ def test_config_validation_and_round_trip():
 
 
 def test_levels_can_have_different_codebook_sizes():
-    model = VQVAE2(VQVAEConfig(**{**TINY, "bottom_num_codes": 8})).eval()
+    model = VQVAE2(tiny_config(bottom_num_codes=8)).eval()
     assert model.quantizer_top.num_codes == 32 and model.quantizer_bottom.num_codes == 8
     images = torch.rand(2, 3, 32, 32) * 2 - 1
     with torch.no_grad():

@@ -70,9 +70,8 @@ class CodesStageConfig:
 class PriorStageConfig:
     """train-prior for one level.
 
-    ``model.num_codes``, ``model.shape``, ``model.condition_*`` and ``model.num_classes`` come from the
-    code store's metadata; leave them at their defaults (a different value that disagrees with the
-    store is an error).
+    ``model`` is the prior's architecture; what it models (codebook size, map shapes, classes) comes
+    from the code store's metadata, as a :class:`~vqgen.models.pixelcnn.PriorLayout`.
     """
 
     model: PriorConfig = field(default_factory=PriorConfig)
@@ -117,24 +116,48 @@ class SampleStageConfig:
 
 @dataclass(kw_only=True)
 class EvaluateStageConfig:
-    """evaluate: FID of samples and reconstructions, PSNR, codebook usage, bits/dim, the report."""
+    """evaluate: sample metrics (FID, KID, IS, precision/recall), reconstructions, bits/dim, report."""
 
+    enabled: bool = True
+    """False: the pipeline skips this stage (and says so when the run starts)."""
+    reference: str = "eval"
+    """What the samples are compared with: "eval" (the evaluation split), "train" (the training
+    split), or the path of a statistics file in pytorch-fid's ``.npz`` format (``mu``, ``sigma``),
+    such as the statistics published papers use (FID only: KID and precision/recall need images)."""
     inception_weights: str = schedule_field("")
-    """Path of the FID Inception weights; empty: the torch hub cache (never downloaded here)."""
+    """Path of the FID Inception weights; empty: the torch hub cache, downloaded there once if missing."""
+    inception_url: str = schedule_field("")
+    """Where to download the weights from; empty: ``$VQGEN_INCEPTION_URL`` or the standard URL."""
+    download_weights: bool = schedule_field(True)
+    """Download the weights when they are missing (False: a missing file is an error at start-up)."""
     num_real: int = 0
-    """Real evaluation images for the reference statistics (0: the whole evaluation split)."""
+    """Real images for the reference (0: the whole reference split)."""
     num_recon: int = 0
     """Images reconstructed for PSNR and rFID (0: as many as ``num_real``)."""
+    kid_subsets: int = 100
+    """KID: number of random subsets its mean and standard deviation are taken over."""
+    kid_subset_size: int = 1000
+    """KID: images per subset (capped at the smaller of the two image counts)."""
+    pr_k: int = 3
+    """Precision / recall: the k of the k-nearest-neighbour manifolds (Kynkäänniemi et al. 2019)."""
     batch_size: int = schedule_field(50)
     stats_cache: str = schedule_field("")
-    """Folder for cached reference statistics; empty: ``out_dir/fid-stats``."""
+    """Folder for cached reference features and statistics; empty: ``out_dir/fid-stats``."""
 
     def __post_init__(self):
         for name in ("num_real", "num_recon"):
             if getattr(self, name) < 0:
                 raise ConfigError(name, "must be >= 0")
-        if self.batch_size < 1:
-            raise ConfigError("batch_size", "must be >= 1")
+        for name in ("batch_size", "kid_subsets", "kid_subset_size", "pr_k"):
+            if getattr(self, name) < 1:
+                raise ConfigError(name, "must be >= 1")
+        if self.reference not in ("eval", "train") and not self.reference.endswith(".npz"):
+            raise ConfigError("reference", f'must be "eval", "train" or the path of a .npz statistics file, got {self.reference!r}')
+
+    @property
+    def reference_split(self) -> str | None:
+        """The dataset split the reference is drawn from; None for a statistics file."""
+        return self.reference if self.reference in ("eval", "train") else None
 
 
 @dataclass(kw_only=True)

@@ -5,6 +5,11 @@ Every config section is a ``@dataclass(kw_only=True)``. Fields may be ``int``, `
 config dataclass (a nested section). Loading rejects unknown keys and wrong types with a
 :class:`~vqgen.errors.ConfigError` that names the dotted key; ``__post_init__`` checks of values
 raise ``ConfigError(field_name, ...)`` and are re-raised here with the full dotted key.
+
+A section whose keys were reorganised lists the old names in a class attribute
+``MOVED_KEYS = {"old_key": "new.dotted.key"}`` (relative to the section): an old key is then an
+error that names its new place, rather than "unknown key"; ``RETIRED_KEYS = {"old_key": "why"}``
+does the same for keys that are gone.
 """
 
 from __future__ import annotations
@@ -138,6 +143,12 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
         raise ConfigError(prefix, f"expected a table (section), got {data!r}")
     fields = _field_types(cls)
     unknown = sorted(set(data) - set(fields))
+    moved, retired = getattr(cls, "MOVED_KEYS", {}), getattr(cls, "RETIRED_KEYS", {})
+    for key in unknown:
+        if key in moved:
+            raise ConfigError(_join(prefix, key), f"has moved: it is now {_join(prefix, moved[key])}")
+        if key in retired:
+            raise ConfigError(_join(prefix, key), retired[key])
     if unknown:
         raise ConfigError(
             _join(prefix, unknown[0]),

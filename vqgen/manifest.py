@@ -160,7 +160,7 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def describe_changes(old: dict, new: dict, limit: int = 4) -> str:
-    """``"data.seed: 0 -> 7, inputs.train-vqvae changed"``: what differs between two definitions."""
+    """``"data.procedural.seed: 0 -> 7, inputs.train-vqvae changed"``: what differs between two definitions."""
     before, after = _flatten(old), _flatten(new)
     changes = []
     for key in sorted(set(before) | set(after)):

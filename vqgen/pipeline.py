@@ -190,6 +190,22 @@ def _open_run(cfg: PipelineConfig) -> tuple[RunLock, bool]:
     return lock, on_main_process(acquire)
 
 
+def preflight(cfg: PipelineConfig, stages: tuple[Stage, ...]) -> tuple[Stage, ...]:
+    """The stages of ``stages`` that will run, after checking that each can get what it needs
+    (:attr:`Stage.preflight`); a switched-off stage is named now, not after days of training."""
+    state = process_state()
+    enabled = []
+    for stage in stages:
+        sections = stage_sections(cfg, stage)
+        if not stage.is_enabled(sections):
+            state.print(f"[vqgen] {stage.name}: switched off in the config; it will be skipped")
+            continue
+        if stage.preflight is not None:
+            stage.preflight(sections)
+        enabled.append(stage)
+    return tuple(enabled)
+
+
 def run_pipeline(cfg: PipelineConfig, from_stage: str | None = None) -> None:
     """Run all stages in order. ``from_stage``: earlier stages are not run (they must have
     finished) and this one runs even if current; later ones run unless current."""
@@ -198,11 +214,12 @@ def run_pipeline(cfg: PipelineConfig, from_stage: str | None = None) -> None:
     if from_stage is not None and from_stage not in names:
         raise ConfigError("--from", f"unknown stage {from_stage!r} (stages: {', '.join(names)})")
     dirs = {s.name: s.dir for s in stages}
+    start = names.index(from_stage) if from_stage else 0
+    todo = preflight(cfg, stages[start:])
     lock, writable = _open_run(cfg)
     try:
-        start = names.index(from_stage) if from_stage else 0
-        for i, stage in enumerate(stages[start:], start):
-            run_stage(cfg, stage, dirs, force=(from_stage is not None and i == start), writable=writable)
+        for stage in todo:
+            run_stage(cfg, stage, dirs, force=(from_stage is not None and stage.name == from_stage), writable=writable)
     finally:
         lock.release()
 
@@ -211,8 +228,11 @@ def run_single_stage(cfg: PipelineConfig, name: str) -> dict | None:
     stages = {s.name: s for s in stage_table()}
     if name not in stages:
         raise ConfigError("stage", f"unknown stage {name!r} (stages: {', '.join(stages)})")
+    stage = stages[name]
+    if stage.preflight is not None:  # `vqgen stage` runs the stage it names, even one switched off
+        stage.preflight(stage_sections(cfg, stage))
     lock, writable = _open_run(cfg)
     try:
-        return run_stage(cfg, stages[name], {s.name: s.dir for s in stages.values()}, force=True, writable=writable)
+        return run_stage(cfg, stage, {s.name: s.dir for s in stages.values()}, force=True, writable=writable)
     finally:
         lock.release()

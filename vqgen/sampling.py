@@ -115,7 +115,7 @@ class IncrementalPrior:
         if prior.training:
             raise ValueError("IncrementalPrior needs the prior in eval mode (dropout off): call prior.eval()")
         self.prior = prior
-        self.height, self.width = prior.config.shape
+        self.height, self.width = prior.layout.shape
         with torch.no_grad():
             self.cache = prior.new_cache(batch_size, labels=labels, condition=condition)
         device = self.cache.row_inputs.device
@@ -253,7 +253,7 @@ def sample(
         cached: use the incremental path (fast) instead of full recomputation (reference).
         cuda_graphs: replay the cached path's steps as CUDA graphs (CUDA tensors only).
     """
-    height, width = prior.config.shape
+    height, width = prior.layout.shape
     config = config or SamplerConfig()
     with _eval_mode(prior):
         device = prior.embed.weight.device

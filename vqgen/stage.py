@@ -1,5 +1,7 @@
 """What a stage is to the pipeline runner: its name and folder, the config sections it reads, the
-stages whose outputs it reads, and ``run(sections, run_dir, accelerator) -> StageResult``.
+stages whose outputs it reads, and ``run(sections, run_dir, accelerator) -> StageResult``;
+optionally a ``preflight(sections)`` that the runner calls for every stage it is about to run before
+the first one starts (so a run that cannot finish refuses to start), and ``enabled(sections)``.
 
 Each stage module declares its ``STAGES``; the runner and the CLI read the one table made from them
 (:func:`vqgen.pipeline.stage_table`). The runner hashes the declared sections itself (see
@@ -17,7 +19,7 @@ from accelerate import Accelerator
 
 from vqgen.manifest import StageResult
 
-__all__ = ["Stage", "StageResult", "section"]
+__all__ = ["Stage", "StageResult", "check_data", "section"]
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,21 @@ class Stage:
     upstream: tuple[str, ...]
     """Stages whose outputs it reads."""
     run: Callable[[dict[str, Any], Path, Accelerator], StageResult]
+    preflight: Callable[[dict[str, Any]], None] | None = None
+    """Checks that the stage will get what it needs (files, weights, folders); raises a VQGenError
+    that names the fix. Cheap, or done once (a download): it runs before the pipeline's first stage."""
+    enabled: Callable[[dict[str, Any]], bool] | None = None
+    """False: the runner skips the stage and says so at the start (None: always enabled)."""
+
+    def is_enabled(self, sections: dict[str, Any]) -> bool:
+        return self.enabled is None or self.enabled(sections)
+
+
+def check_data(sections: dict[str, Any]) -> None:
+    """The preflight of a stage that reads images: the data root exists (or will be downloaded)."""
+    from vqgen.data.datasets import check_data_root
+
+    check_data_root(sections["data"])
 
 
 def section(cfg: Any, path: str) -> Any:

@@ -11,11 +11,13 @@ import torch
 from safetensors.torch import save_file
 from torch.utils.data import Dataset
 
+from vqgen.models.quantize import QuantizerConfig
 from vqgen.models.vqvae2 import VQVAE2, VQVAEConfig
 from vqgen.evaluation import vqvae_loss
 from vqgen.train import TrainConfig, fit, make_accelerator
 
-TINY = VQVAEConfig(hidden_channels=16, res_channels=8, num_res_blocks=1, num_codes=32, code_dim=8, restart_every=2)
+TINY = VQVAEConfig(hidden_channels=16, res_channels=8, num_res_blocks=1,
+                   quantizer=QuantizerConfig(num_codes=32, code_dim=8, restart_every=2))
 
 
 class RankImages(Dataset):

@@ -21,7 +21,7 @@ from vqgen.train import TrainConfig, _save_weights, fit, make_accelerator
 from vqgen.utils import atomic_write_bytes, read_json
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from test_resume import PRIOR, Codes  # noqa: E402  (the same tiny prior and code maps)
+from test_resume import LAYOUT, PRIOR, Codes  # noqa: E402  (the same tiny prior and code maps)
 
 torch.set_num_threads(1)
 PAGE = 4096
@@ -30,7 +30,7 @@ PAGE = 4096
 def train(stage_dir: Path, steps: int) -> GatedPixelCNN:
     cfg = TrainConfig(steps=steps, batch_size=8, checkpoint_every=2, log_every=1, eval_every=0, image_every=0)
     torch.manual_seed(0)
-    model = GatedPixelCNN(PRIOR)
+    model = GatedPixelCNN(PRIOR, LAYOUT)
     fit(model, Codes(), cfg, make_accelerator(stage_dir, tracker="none", seed=0), stage_dir, prior_loss_fn("top", False))
     return model
 
@@ -88,12 +88,12 @@ def main(mnt: Path, ref_dir: Path) -> None:
         assert torch.equal(resumed.state_dict()[key], value), key
 
     # The other writes of a stage, on a full disk: the old files stay, no temporary files are left.
-    export_model(resumed, PRIOR, mnt / "export")
+    export_model(resumed, mnt / "export")
     _save_weights(resumed, mnt / "best.safetensors")
     best = (mnt / "best.safetensors").read_bytes()
     atomic_write_bytes(mnt / "note.txt", b"old")
     fill(mnt)
-    expect_storage_error(lambda: export_model(reference, PRIOR, mnt / "export"), "no space left", "model export")
+    expect_storage_error(lambda: export_model(reference, mnt / "export"), "no space left", "model export")
     expect_storage_error(lambda: _save_weights(reference, mnt / "best.safetensors"), "no space left", "best weights")
     expect_storage_error(lambda: atomic_write_bytes(mnt / "note.txt", b"new" * 5000), "no space left", "note.txt")
     assert leftovers(mnt) == [], leftovers(mnt)

@@ -13,7 +13,7 @@ from vqgen.data.datasets import (
     denormalize,
     to_uint8,
 )
-from vqgen.data.procedural import ProceduralShapes
+from vqgen.data.procedural import ProceduralConfig, ProceduralShapes
 
 __all__ = [
     "CodeDataset",
@@ -22,6 +22,7 @@ __all__ = [
     "DataConfig",
     "ImageDataset",
     "ImageTransform",
+    "ProceduralConfig",
     "ProceduralShapes",
     "StoreMeta",
     "build_dataset",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,7 @@ from torch.utils.data import Dataset
 
 from vqgen.data.code_format import index_key, parse_meta, record_dtype
 from vqgen.data.code_readers import READERS, reading, require_store_meta
-from vqgen.errors import ConfigError, DataError
+from vqgen.errors import DataError
 
 
 class CodeDataset(Dataset):
@@ -72,34 +71,6 @@ class CodeDataset(Dataset):
         item: dict[str, Any] = {name: torch.from_numpy(record[name].astype(np.int64)) for name in self.levels}
         item["label"] = int(record["label"])
         return item
-
-    def validate_against(self, level: str, num_codes: int, shape: Sequence[int] | None = None, *,
-                         num_classes: int | None = None, prefix: str = "") -> None:
-        """Check a prior's config against this store; raise ConfigError naming the mismatched field.
-
-        ``prefix`` is the config section of the prior (e.g. ``"prior.top"``) for the error's key.
-        ``num_classes`` > 0 means the prior is class-conditional: the store must have labels that fit.
-        """
-
-        def key(field: str) -> str:
-            return f"{prefix}.{field}" if prefix else field
-
-        if level not in self.levels:
-            raise ConfigError(key("level"), f"{level!r} is not a level of the code store {self.path} "
-                                             f"(it has {list(self.levels)})")
-        if num_codes != self.num_codes[level]:
-            raise ConfigError(key("num_codes"), f"is {num_codes} but the {level} codes in {self.path} come from "
-                                                f"a codebook of {self.num_codes[level]}")
-        if shape is not None and tuple(shape) != self.shapes[level]:
-            raise ConfigError(key("shape"), f"is {tuple(shape)} but the {level} code maps in {self.path} "
-                                            f"are {self.shapes[level]}")
-        if num_classes:
-            if self.num_classes == 0:
-                raise ConfigError(key("num_classes"), f"is {num_classes} but the code store {self.path} "
-                                                      "has no labels")
-            if num_classes < self.num_classes:
-                raise ConfigError(key("num_classes"), f"is {num_classes} but the code store {self.path} "
-                                                      f"has {self.num_classes} classes")
 
     def close(self) -> None:
         """Release this process's handle on the store (reopened by the next read)."""

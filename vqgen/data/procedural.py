@@ -9,7 +9,12 @@ class, which gives class-conditional priors something to learn.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 import numpy as np
+
+from vqgen.errors import ConfigError
 
 SHAPE_NAMES = ("circle", "square", "triangle", "ring", "cross")
 BACKGROUNDS = ("solid", "gradient", "two_tone", "stripes")
@@ -147,6 +152,34 @@ def option_problems(palette_size: int, backgrounds: tuple[str, ...]) -> dict[str
     if not backgrounds or set(backgrounds) - set(BACKGROUNDS):
         problems["backgrounds"] = f"must be a non-empty subset of {BACKGROUNDS}, got {tuple(backgrounds)}"
     return problems
+
+
+@dataclass(kw_only=True)
+class ProceduralConfig:
+    """``data.procedural``: the procedural set (``data.kind = "procedural"``)."""
+
+    size: int = 20000
+    """Number of train images; the eval split (another seed stream) has a quarter."""
+    palette: int = 0
+    """Colours: 0 = anywhere in the RGB cube; 2-12 = only that many fixed, well-separated colours
+    (backgrounds shaded with a darker tone of their colour): an easier set for short runs."""
+    backgrounds: tuple[Literal["solid", "gradient", "two_tone", "stripes"], ...] = BACKGROUNDS
+    """Background kinds to draw from."""
+    rotate: bool = True
+    """Rotate the shapes by a random angle (False: upright squares, triangles, crosses)."""
+    seed: int = 0
+    """Seed of the images: the same seed draws the same images."""
+
+    def __post_init__(self):
+        if self.size < 1:
+            raise ConfigError("size", f"must be >= 1, got {self.size}")
+        if self.seed < 0:
+            raise ConfigError("seed", f"must be >= 0, got {self.seed}")
+        for option, problem in option_problems(self.palette, self.backgrounds).items():
+            raise ConfigError(option, problem)
+
+    def split_size(self, split: str) -> int:
+        return self.size if split == "train" else max(1, self.size // 4)
 
 
 class ProceduralShapes:

@@ -2,8 +2,9 @@
 
 The network is torchmetrics' ``NoTrainInceptionV3`` (the Inception of
 ``pt_inception-2015-12-05-6726825d.pth``, the one every published FID uses), fed uint8 images and
-read at its 2048-d pool layer. Weights are never downloaded: they come from a path in the config
-(``evaluate.inception_weights``) or from the torch hub cache, where online tools put them.
+read at its 2048-d pool layer. The weights come from a path in the config
+(``evaluate.inception_weights``) or the torch hub cache, downloaded there once and verified when
+absent: see :mod:`vqgen.metrics.inception_weights`.
 
 Typical use: reference statistics of the real data are computed once and cached
 (:func:`cached_reference_stats`); samples are then scored against them (:func:`score_images`)
@@ -12,12 +13,10 @@ without encoding the real data again.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
-import tempfile
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,197 +29,54 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from vqgen.errors import CheckpointError, DataError
+# The weights concept lives in inception_weights; its public names stay importable from here.
+from vqgen.metrics.inception_weights import (  # noqa: F401
+    FEATURE_DIM,
+    INCEPTION_CONFIG_KEY,
+    INCEPTION_FILENAME,
+    INCEPTION_SHA256_PREFIX,
+    INCEPTION_TENSORS_SHA256,
+    INCEPTION_URL,
+    _build_inception_network,
+    _check_inception_values,
+    _read_inception_state_dict,
+    check_inception_weights,
+    default_inception_path,
+    inception_tensors_sha256,
+    load_inception_state_dict,
+    resolve_inception_weights,
+)
 from vqgen.utils import atomic_write_bytes, sha256_file
 
-INCEPTION_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
-INCEPTION_URL = (
-    "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + INCEPTION_FILENAME
-)
-INCEPTION_CONFIG_KEY = "evaluate.inception_weights"
-FEATURE_DIM = 2048
 STATS_FORMAT = "vqgen-fid-stats/1"
-
-# A few tensors whose shapes identify the FID Inception layout; the strict load in
-# `InceptionFeatures` then checks every key.
-_LAYOUT_PROBES = {
-    "Conv2d_1a_3x3.conv.weight": (32, 3, 3, 3),
-    "Mixed_6b.branch7x7_2.conv.weight": (128, 128, 1, 7),
-    "Mixed_7c.branch_pool.conv.weight": (192, 2048, 1, 1),
-}
-_FC_SHAPES = {"fc.weight": (1008, FEATURE_DIM), "fc.bias": (1008,)}
-_NUM_KEYS_WITH_FC = 566
-
-# torch hub convention: the 8 hex digits in the standard file's name start its sha256.
-INCEPTION_SHA256_PREFIX = "6726825d"
-# The checksum `inception_tensors_sha256` gives for the standard FID Inception's tensors other than
-# fc.weight/fc.bias (which FID never reads). Computed from pt_inception-2015-12-05-nofc.pth, a state
-# dict holding exactly those 564 tensors (its file sha256 is b1d7825e...); the standard 6726825d
-# file holds the same network, saved differently (legacy format, other strides).
-INCEPTION_TENSORS_SHA256 = "acfa230643f38c90d8a3db66aebb4a6f868cba6fd57959b1c969640cf8d918a3"
 
 # Something that turns uint8 images [N, C, H, W] into features [N, D].
 FeatureExtractor = Callable[[Tensor], Tensor]
 
 
 # ---------------------------------------------------------------------------------------------
-# Weights
-
-
-def default_inception_path() -> Path:
-    """Where pytorch-fid and torchmetrics users already have the weights: the torch hub cache."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILENAME
-
-
-def _missing_weights_message(path: Path, explicit: bool) -> str:
-    where = f"set by {INCEPTION_CONFIG_KEY}" if explicit else "the torch hub cache"
-    return (
-        f"FID Inception weights not found at {path} ({where}). vqgen never downloads them. "
-        f"Download {INCEPTION_URL} on a machine with internet access, then either put the file at "
-        f"{default_inception_path()} or set {INCEPTION_CONFIG_KEY} = '/path/to/{INCEPTION_FILENAME}'. "
-        "A state dict with the same tensors but no fc.weight/fc.bias also works."
-    )
-
-
-def resolve_inception_weights(path: str | os.PathLike | None) -> Path:
-    """The Inception weights file to use: ``path`` if given, else the torch hub cache copy.
-
-    Raises :class:`CheckpointError` that says where to put the file (and where to get it) when it
-    does not exist. Never downloads.
-    """
-    explicit = path is not None
-    resolved = Path(path).expanduser() if explicit else default_inception_path()
-    if not resolved.is_file():
-        raise CheckpointError(_missing_weights_message(resolved, explicit))
-    return resolved
-
-
-def load_inception_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
-    """Read and check an FID Inception state dict (``torch.load(weights_only=True)``, no pickle code).
-
-    Files without ``fc.weight``/``fc.bias`` (only needed for logits, never for FID) are accepted.
-    A truncated file, something that is not a state dict, the wrong layout, or the right layout
-    with other values (see :func:`inception_tensors_sha256`) raises :class:`CheckpointError`
-    naming the file.
-    """
-    path = Path(path)
-    state = _read_inception_state_dict(path)
-    _check_inception_values(path, state)
-    return state
-
-
-def _read_inception_state_dict(path: Path) -> dict[str, Tensor]:
-    """The tensors of ``path``, checked for the FID Inception's keys and a few shapes (not values)."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises many types for a damaged file; all mean "unreadable"
-        raise CheckpointError(
-            f"{path}: cannot read FID Inception weights (truncated, or not a torch.save file): "
-            f"{type(err).__name__}: {err}"
-        ) from err
-    if not isinstance(state, Mapping) or not all(
-        isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()
-    ):
-        raise CheckpointError(f"{path}: expected a state dict of tensors, got {type(state).__name__}")
-    state = dict(state)
-    _check_inception_layout(path, state)
-    return state
-
-
-def inception_tensors_sha256(state: Mapping[str, Tensor]) -> str:
-    """A checksum of a state dict's values that does not depend on how the file was saved
-    (zip or legacy format, strides, storage sharing): sha256 over the keys not starting with
-    ``fc.``, in sorted order, each as ``"{key}\\0{dtype}\\0{shape}\\0"`` (e.g.
-    ``"Conv2d_1a_3x3.conv.weight\\0torch.float32\\0(32, 3, 3, 3)\\0"``, UTF-8) followed by the
-    tensor's bytes (CPU, contiguous, native byte order, i.e. little-endian on every usual machine)."""
-    digest = hashlib.sha256()
-    for key in sorted(k for k in state if not k.startswith("fc.")):
-        tensor = state[key].detach().cpu().contiguous()
-        digest.update(f"{key}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
-    return digest.hexdigest()
-
-
-def _check_inception_values(path: Path, state: dict[str, Tensor], file_sha256: str | None = None) -> None:
-    """CheckpointError unless ``state`` holds the standard FID Inception's values.
-
-    Tensors of the right shapes but other values load and run, and give FIDs that cannot be
-    compared with anyone else's (or non-finite ones). The file's own sha256 prefix is accepted
-    too, so the standard file passes even if one of its tensors differed from the reconstructed
-    file the tensor checksum was taken from.
-    """
-    checksum = inception_tensors_sha256(state)
-    if checksum == INCEPTION_TENSORS_SHA256:
-        return
-    if (file_sha256 or sha256_file(path)).startswith(INCEPTION_SHA256_PREFIX):
-        return
-    raise CheckpointError(
-        f"{path}: not the standard FID Inception weights (tensor checksum {checksum[:16]}..., expected "
-        f"{INCEPTION_TENSORS_SHA256[:16]}...; or a file whose sha256 starts with {INCEPTION_SHA256_PREFIX}); "
-        "FIDs computed with other weights are not comparable with published ones"
-    )
-
-
-def _check_inception_layout(path: Path, state: dict[str, Tensor]) -> None:
-    fc_present = [k for k in _FC_SHAPES if k in state]
-    if len(fc_present) == 1:
-        raise CheckpointError(f"{path}: has {fc_present[0]} but not its fc partner")
-    expected_keys = _NUM_KEYS_WITH_FC - (2 if not fc_present else 0)
-    probes = dict(_LAYOUT_PROBES, **({k: _FC_SHAPES[k] for k in fc_present}))
-    for key, shape in probes.items():
-        if key not in state:
-            raise CheckpointError(f"{path}: not an FID Inception state dict (no key {key!r})")
-        if tuple(state[key].shape) != shape:
-            raise CheckpointError(
-                f"{path}: {key} has shape {tuple(state[key].shape)}, expected {shape}"
-            )
-    if len(state) != expected_keys:
-        raise CheckpointError(
-            f"{path}: has {len(state)} tensors, expected {expected_keys} for the FID Inception"
-        )
-
-
-def _build_inception_network(state: dict[str, Tensor], source: Path) -> nn.Module:
-    """torchmetrics' NoTrainInceptionV3 holding ``state``, returning 2048-d pool features.
-
-    torchmetrics (through torch-fidelity) only takes weights as a file path, loads it strictly and
-    would download when given none. So the checked tensors are written to a private temporary file
-    first; ``fc`` is filled with NaN when absent (the 2048-d forward returns before ``fc``, so the
-    NaNs are never read). That file holds only tensors we saved, so its loading runs no foreign code.
-    """
-    try:
-        from torchmetrics.image.fid import NoTrainInceptionV3
-        import torch_fidelity  # noqa: F401  (NoTrainInceptionV3 is a torch-fidelity module)
-    except ImportError as err:
-        raise ModuleNotFoundError(
-            "FID needs torch-fidelity for torchmetrics' Inception: pip install torch-fidelity "
-            "(or torchmetrics[image])"
-        ) from err
-    full = dict(state)
-    for key, shape in _FC_SHAPES.items():
-        full.setdefault(key, torch.full(shape, math.nan))
-    with tempfile.TemporaryDirectory(prefix="vqgen-inception-") as tmp:
-        tmp_path = Path(tmp) / "inception.pth"
-        torch.save(full, tmp_path)
-        try:
-            net = NoTrainInceptionV3(
-                name="inception-v3-compat",
-                features_list=[str(FEATURE_DIM)],
-                feature_extractor_weights_path=str(tmp_path),
-            )
-        except RuntimeError as err:  # strict load_state_dict: missing/unexpected keys, bad shapes
-            detail = " ".join(str(err).split())  # torch's message spans lines; keep it on one
-            raise CheckpointError(f"{source}: does not fit the FID Inception network: {detail}") from err
-    return net
+# The network (its weights: finding, fetching, checking: vqgen.metrics.inception_weights)
 
 
 class InceptionFeatures(nn.Module):
-    """2048-d pool features of the FID Inception network for uint8 images.
+    """2048-d pool features of the FID Inception network for uint8 images, and its 1008 class
+    logits from the same forward when the weights hold ``fc`` (:meth:`features_and_logits`).
 
     ``weights``: a weights file, or ``None`` for the torch hub cache (see
     :func:`resolve_inception_weights`). Input: uint8 ``[N, 3, H, W]`` or grey ``[N, 1, H, W]``
     (repeated to RGB) of any size; torchmetrics resizes to 299x299 (bilinear, antialiased) and scales
     to [-1, 1). Output: float32 ``[N, 2048]`` on the module's device.
+
+    The resize is PyTorch's half-pixel-centred bilinear; torch-fidelity's own extractor uses
+    TensorFlow 1's (no half-pixel offset), which shifts a 32-px image by about half a source pixel
+    and changes its features by ~20% per image. Same network, other convention: vqgen's features
+    agree with pytorch-fid's; against torch-fidelity's ``calculate_metrics`` FID moves by ~0.5% and
+    KID, precision/recall and the IS spread by more (benchmarks/metric_agreement.py measures it).
     """
+
+    # torch-fidelity's and torchmetrics' Inception Score layer: fc without its bias, as in the
+    # original TF Inception Score code.
+    LOGITS_LAYER = "logits_unbiased"
 
     def __init__(self, weights: str | os.PathLike | None = None, device: str | torch.device = "cpu"):
         super().__init__()
@@ -231,6 +87,12 @@ class InceptionFeatures(nn.Module):
         # values check could only say that the weights differ.
         self.net = _build_inception_network(state, self.weights_path)
         _check_inception_values(self.weights_path, state, self.weights_sha256)
+        # FID-only files (no fc) are accepted; they give no logits, so no Inception Score.
+        self.logits_unavailable = "" if "fc.weight" in state else (
+            f"{self.weights_path} has no fc.weight/fc.bias (FID-only Inception weights), so no class "
+            "logits and no Inception Score")
+        if not self.logits_unavailable:  # the logits come out of the same forward as the pool
+            self.net.features_list = [*self.net.features_list, self.LOGITS_LAYER]
         # channels_last: about 1.9x faster on a CPU (5.6 -> 11.7 images/s on 2 cores), features
         # equal to 1e-5; the convolutions' preferred layout on GPUs too.
         self.to(device, memory_format=torch.channels_last)
@@ -241,10 +103,23 @@ class InceptionFeatures(nn.Module):
 
     @torch.inference_mode()
     def forward(self, images: Tensor) -> Tensor:
+        return self.net(self._prepare(images))  # [N, 2048]
+
+    @torch.inference_mode()
+    def features_and_logits(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Pool features ``[N, 2048]`` and logits ``[N, 1008]`` (``None`` when the weights have no
+        fc, see ``logits_unavailable``) of uint8 ``images``, from one forward."""
+        # NoTrainInceptionV3.forward returns only its first output; the tuple of every requested
+        # layer comes from this (torchmetrics-internal) method.
+        outputs = self.net._torch_fidelity_forward(self._prepare(images))
+        pool = outputs[0].reshape(images.shape[0], -1)
+        return pool, (None if self.logits_unavailable else outputs[-1])
+
+    def _prepare(self, images: Tensor) -> Tensor:
         images = _check_uint8_nchw(images)
         if images.shape[1] == 1:
             images = images.expand(-1, 3, -1, -1)
-        return self.net(images.to(self.device))  # [N, 2048]
+        return images.to(self.device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -290,17 +165,29 @@ def as_uint8_batches(
 @dataclass
 class FeatureStats:
     """Gaussian statistics of a feature set: mean ``[D]`` and covariance ``[D, D]`` (float64),
-    the number of images, and the key that says what they were computed from."""
+    the number of images, and the key that says what they were computed from.
+
+    Optionally the features themselves (float32 ``[count, D]``) and the images' class labels
+    (int64 ``[count]``): KID and precision/recall need every reference feature, per-class FID the
+    labels (see :mod:`vqgen.metrics.sample_metrics`). Files without them (FID only, and those
+    written before they existed) load with ``None`` there.
+    """
 
     mean: Tensor
     cov: Tensor
     count: int
     key: str = ""
+    features: Tensor | None = None
+    labels: Tensor | None = None
 
     def save(self, path: str | os.PathLike) -> None:
         """Write as safetensors (atomic), count and key in the metadata."""
         metadata = {"format": STATS_FORMAT, "count": str(self.count), "key": self.key}
         tensors = {"mean": self.mean.double().contiguous(), "cov": self.cov.double().contiguous()}
+        if self.features is not None:
+            tensors["features"] = self.features.detach().to("cpu", torch.float32).contiguous()
+        if self.labels is not None:
+            tensors["labels"] = self.labels.detach().to("cpu", torch.int64).contiguous()
         atomic_write_bytes(path, safetensors_save(tensors, metadata=metadata))
 
     @classmethod
@@ -311,6 +198,7 @@ class FeatureStats:
             with safe_open(path, framework="pt") as f:
                 metadata = f.metadata() or {}
                 mean, cov = f.get_tensor("mean"), f.get_tensor("cov")
+                optional = {name: f.get_tensor(name) for name in ("features", "labels") if name in f.keys()}
         except Exception as err:  # safetensors raises several types for a bad header or body
             detail = f"{type(err).__name__}: {err}"
             raise CheckpointError(f"{path}: cannot read FID statistics: {detail}") from err
@@ -323,7 +211,19 @@ class FeatureStats:
                 f"{path}: inconsistent FID statistics (mean {tuple(mean.shape)}, cov {tuple(cov.shape)}, "
                 f"count {metadata.get('count')!r})"
             )
-        return cls(mean=mean, cov=cov, count=int(metadata["count"]), key=metadata.get("key", ""))
+        count = int(metadata["count"])
+        features, labels = optional.get("features"), optional.get("labels")
+        if features is not None and (tuple(features.shape) != (count, dim) or not features.is_floating_point()):
+            raise CheckpointError(
+                f"{path}: inconsistent FID statistics (features {tuple(features.shape)} {features.dtype}, "
+                f"expected float ({count}, {dim}))"
+            )
+        if labels is not None and (tuple(labels.shape) != (count,) or labels.is_floating_point()):
+            raise CheckpointError(
+                f"{path}: inconsistent FID statistics (labels {tuple(labels.shape)} {labels.dtype}, "
+                f"expected integer ({count},))"
+            )
+        return cls(mean=mean, cov=cov, count=count, key=metadata.get("key", ""), features=features, labels=labels)
 
 
 class FeatureMoments:

@@ -31,16 +31,16 @@ def psnr(x: Tensor, y: Tensor, data_range: float) -> tuple[Tensor, float]:
     return per_image, per_image.mean().item()
 
 
-def bits_per_dim(nll_nats: float | Tensor, num_dims: int = 1) -> float:
+def bits_per_dim(nll_nats: float | Tensor, num_dims: int = 1) -> float | Tensor:
     """Convert a negative log-likelihood in nats to bits per dimension.
 
     ``nll_nats`` is the NLL of ``num_dims`` dimensions together; pass the mean cross-entropy per
-    position (what a prior's loss is) with ``num_dims=1``.
+    position (what a prior's loss is) with ``num_dims=1``. A tensor stays a tensor on its device
+    (a training step logs it without waiting for the GPU); a number gives a float.
     """
     if num_dims < 1:
         raise ValueError(f"bits_per_dim: num_dims must be >= 1, got {num_dims}")
-    value = nll_nats.item() if isinstance(nll_nats, Tensor) else float(nll_nats)
-    return value / (num_dims * math.log(2.0))
+    return nll_nats / (num_dims * math.log(2.0))
 
 
 def codebook_usage(codes: Tensor, num_codes: int) -> tuple[float, float]:
@@ -62,9 +62,15 @@ def codebook_usage(codes: Tensor, num_codes: int) -> tuple[float, float]:
     return usage_from_counts(torch.bincount(flat, minlength=num_codes))
 
 
+def perplexity(counts: Tensor) -> Tensor:
+    """``exp(entropy)`` of a code histogram ``counts [K]``: the number of equally used codes with the
+    same entropy. A 0-dim tensor in ``counts``' dtype, on its device: no read back to the host and no
+    data-dependent shape, so a compiled training step can compute it every step."""
+    probs = counts / counts.sum().clamp_min(1)
+    return (-(probs * probs.clamp_min(1e-30).log()).sum()).exp()
+
+
 def usage_from_counts(counts: Tensor) -> tuple[float, float]:
     """Fraction of codes used and perplexity of a code histogram ``counts [K]``."""
-    probs = counts.double() / counts.sum().clamp_min(1)
-    used = probs > 0
-    entropy = -(probs[used] * probs[used].log()).sum()
-    return used.sum().item() / counts.numel(), entropy.exp().item()
+    counts = counts.double()
+    return (counts > 0).double().mean().item(), perplexity(counts).item()

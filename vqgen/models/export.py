@@ -1,8 +1,10 @@
 """Model exports: ``NAME.safetensors`` (weights) + ``NAME.json`` (architecture), loadable without pickle.
 
-The JSON names the model class and holds its full config, so a later stage rebuilds exactly the
-trained architecture without the training config (unlike a bare ``VQVAE()``), and the weights'
-checksum, so a later stage can record which export it used.
+The JSON names the model class and holds every constructor argument (the config, and a prior's
+layout), so a later stage rebuilds exactly the trained architecture without the training config
+(unlike a bare ``VQVAE()``), and the weights' checksum, so a later stage can record which export it
+used. Exports of an older format version are upgraded on load by their model module's
+``upgrade_export_config``.
 """
 
 from __future__ import annotations
@@ -21,21 +23,24 @@ from vqgen.errors import CheckpointError, ConfigError
 from vqgen.utils import atomic_write_json, sha256_file, storage_errors
 
 FORMAT = "vqgen-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: constructor arguments under their own names (1: one flat ``config``)."""
 
-# class name -> (module, model class, config class); imported on use to keep start-up light.
+# class name -> (module, model class, {constructor argument: its config class}); the model keeps
+# each argument as an attribute of the same name. Imported on use to keep start-up light.
 MODEL_CLASSES = {
-    "VQVAE2": ("vqgen.models.vqvae2", "VQVAE2", "VQVAEConfig"),
-    "GatedPixelCNN": ("vqgen.models.pixelcnn", "GatedPixelCNN", "PriorConfig"),
+    "VQVAE2": ("vqgen.models.vqvae2", "VQVAE2", {"config": "VQVAEConfig"}),
+    "GatedPixelCNN": ("vqgen.models.pixelcnn", "GatedPixelCNN", {"config": "PriorConfig", "layout": "PriorLayout"}),
 }
 
 
 def _classes(name: str):
+    """``(module, model class, {argument: config class})`` of the model class called ``name``."""
     if name not in MODEL_CLASSES:
         raise CheckpointError(f"unknown model class {name!r} (known: {', '.join(MODEL_CLASSES)})")
-    module, model_cls, config_cls = MODEL_CLASSES[name]
+    module, model_cls, arg_classes = MODEL_CLASSES[name]
     mod = importlib.import_module(module)
-    return getattr(mod, model_cls), getattr(mod, config_cls)
+    return mod, getattr(mod, model_cls), {arg: getattr(mod, cls) for arg, cls in arg_classes.items()}
 
 
 def save_weights(model: torch.nn.Module, path: Path, what: str) -> None:
@@ -49,14 +54,15 @@ def save_weights(model: torch.nn.Module, path: Path, what: str) -> None:
         tmp.replace(path)
 
 
-def export_model(model: torch.nn.Module, config, directory: Path, name: str = "model") -> str:
+def export_model(model: torch.nn.Module, directory: Path, name: str = "model") -> str:
     """Write ``directory/name.safetensors`` and ``directory/name.json``; return the weights' sha256.
 
     The weights are written to a temporary name and renamed, then the JSON (which carries the
     checksum) is written atomically, so a reader never pairs a JSON with other weights.
     """
     class_name = type(model).__name__
-    _classes(class_name)  # refuse to export a class that could not be loaded back
+    _, _, arg_classes = _classes(class_name)  # refuses a class that could not be loaded back
+    args = {arg: asdict(getattr(model, arg)) for arg in arg_classes}
     with storage_errors(directory, f"model export {directory / name}"):
         directory.mkdir(parents=True, exist_ok=True)
     weights = directory / f"{name}.safetensors"
@@ -64,7 +70,7 @@ def export_model(model: torch.nn.Module, config, directory: Path, name: str = "m
     checksum = sha256_file(weights)
     atomic_write_json(
         directory / f"{name}.json",
-        {"format": FORMAT, "version": FORMAT_VERSION, "class": class_name, "config": asdict(config), "sha256": checksum},
+        {"format": FORMAT, "version": FORMAT_VERSION, "class": class_name, **args, "sha256": checksum},
     )
     return checksum
 
@@ -85,11 +91,8 @@ def read_export_info(directory: Path, name: str = "model") -> dict:
 def load_model(directory: Path, name: str = "model", device: str | torch.device = "cpu", verify: bool = True):
     """Rebuild a model from its export. Returns ``(model in eval mode, config, sha256)``."""
     info = read_export_info(directory, name)
-    model_cls, config_cls = _classes(info["class"])
-    try:
-        config = from_dict(config_cls, info["config"], prefix=f"{name}.json:config")
-    except ConfigError as err:
-        raise CheckpointError(f"{directory / (name + '.json')}: {err}") from None
+    module, model_cls, arg_classes = _classes(info.get("class"))
+    args = _constructor_args(info, module, arg_classes, directory / f"{name}.json")
     weights = directory / f"{name}.safetensors"
     if not weights.exists():
         raise CheckpointError(f"{weights} is missing (its JSON is there): re-run the stage that exports it")
@@ -100,11 +103,26 @@ def load_model(directory: Path, name: str = "model", device: str | torch.device 
         state = load_file(str(weights))  # on the CPU; the model moves as a whole below
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"{weights} could not be read ({err})") from None
-    model = model_cls(config)
+    model = model_cls(**args)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
         raise CheckpointError(f"{weights} does not fit the architecture in {name}.json: {err}") from None
-    return model.to(device).eval(), config, checksum
+    return model.to(device).eval(), model.config, checksum
+
+
+def _constructor_args(info: dict, module, arg_classes: dict, path: Path) -> dict:
+    """The model's constructor arguments from its export JSON, upgraded from an older version."""
+    version = info.get("version")
+    if version not in range(1, FORMAT_VERSION + 1):
+        raise CheckpointError(f"{path}: export format version {version!r}; this vqgen reads 1 to {FORMAT_VERSION}")
+    raw = module.upgrade_export_config(info.get("config", {})) if version == 1 else info
+    args = {}
+    for arg, cls in arg_classes.items():
+        try:
+            args[arg] = from_dict(cls, raw.get(arg, {}), prefix=f"{path.name}:{arg}")
+        except ConfigError as err:
+            raise CheckpointError(f"{path}: {err}") from None
+    return args
 
 

@@ -20,8 +20,8 @@ Cached sampling runs the same layers one position at a time: see :meth:`GatedPix
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -29,19 +29,19 @@ from einops import rearrange
 from torch import nn
 
 from vqgen.errors import ConfigError, DataError
-from vqgen.kernels import Backend
+from vqgen.kernels import Backend, check_backend
 from vqgen.kernels.gated import gated_residual
 from vqgen.models.attention import AttentionCache, CausalAttentionBlock
 
 
 @dataclass(kw_only=True)
 class PriorConfig:
-    """Architecture of one gated PixelCNN prior (the top or the bottom level)."""
+    """Architecture of one gated PixelCNN prior (the top or the bottom level): the user's choices.
 
-    num_codes: int = 512
-    """Codebook size K of the level this prior models."""
-    shape: tuple[int, ...] = (32, 32)
-    """Code map (H, W)."""
+    What the prior models (codebook size, map shape, conditioning maps, classes) is not here: the
+    code store dictates it, and it reaches the model as a :class:`PriorLayout`.
+    """
+
     channels: int = 128
     """Channels of the vertical and horizontal stacks."""
     num_layers: int = 20
@@ -54,23 +54,20 @@ class PriorConfig:
     """Attention heads (must divide ``channels``)."""
     dropout: float = 0.1
     """Dropout on the inputs of every gated layer and on the attention output."""
-    num_classes: int = 0
-    """Number of class labels to condition on (0 = unconditional)."""
-    condition_num_codes: int = 0
-    """Codebook size of the level this prior is conditioned on (0 = none: a top prior)."""
-    condition_shape: tuple[int, ...] = ()
-    """(H, W) of the conditioning code map; ``shape`` must be an integer multiple of it."""
     condition_channels: int = 128
-    """Channels of the conditioning stack (ignored without ``condition_num_codes``)."""
+    """Channels of the conditioning stack (ignored without a conditioning map)."""
     condition_res_blocks: int = 0
-    """Residual blocks in the conditioning stack (ignored without ``condition_num_codes``)."""
+    """Residual blocks in the conditioning stack (ignored without a conditioning map)."""
     kernel_backend: Backend = "auto"
-    """Backend of the fused gated-unit kernel: auto, triton or torch."""
+    """Backend of the fused gated-unit kernel and the attention: auto, triton or torch."""
+
+    # Sizes that were once set here; the code store sets them now.
+    RETIRED_KEYS: ClassVar[dict[str, str]] = {
+        name: "is set by the code store now (the extracted codes' metadata): remove it"
+        for name in ("num_codes", "shape", "num_classes", "condition_num_codes", "condition_shape")
+    }
 
     def __post_init__(self) -> None:
-        if self.num_codes < 2:
-            raise ConfigError("num_codes", f"must be >= 2, got {self.num_codes}")
-        _check_shape("shape", self.shape)
         for name in ("channels", "num_layers", "num_heads", "condition_channels"):
             if getattr(self, name) < 1:
                 raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
@@ -84,17 +81,40 @@ class PriorConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError("dropout", f"must be in [0, 1), got {self.dropout}")
-        if self.num_classes < 0:
-            raise ConfigError("num_classes", f"must be >= 0, got {self.num_classes}")
-        if self.kernel_backend not in ("auto", "triton", "torch"):
-            raise ConfigError("kernel_backend", f"must be auto, triton or torch, got {self.kernel_backend!r}")
-        self._check_condition()
-
-    def _check_condition(self) -> None:
-        if self.condition_num_codes < 0:
-            raise ConfigError("condition_num_codes", f"must be >= 0, got {self.condition_num_codes}")
         if self.condition_res_blocks < 0:
             raise ConfigError("condition_res_blocks", f"must be >= 0, got {self.condition_res_blocks}")
+        check_backend(self.kernel_backend, "kernel_backend")
+
+    @property
+    def attention_after(self) -> tuple[int, ...]:
+        """Indices of the gated layers followed by an attention block."""
+        n = self.attention_every
+        return tuple(l for l in range(self.num_layers) if n and (l + 1) % n == 0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PriorLayout:
+    """What one prior models and is conditioned on, as the code store dictates it."""
+
+    num_codes: int
+    """Codebook size K of the level this prior models."""
+    shape: tuple[int, ...]
+    """Code map (H, W)."""
+    num_classes: int = 0
+    """Number of class labels to condition on (0 = unconditional)."""
+    condition_num_codes: int = 0
+    """Codebook size of the level this prior is conditioned on (0 = none: a top prior)."""
+    condition_shape: tuple[int, ...] = ()
+    """(H, W) of the conditioning code map; ``shape`` must be an integer multiple of it."""
+
+    def __post_init__(self) -> None:
+        if self.num_codes < 2:
+            raise ConfigError("num_codes", f"must be >= 2, got {self.num_codes}")
+        _check_shape("shape", self.shape)
+        if self.num_classes < 0:
+            raise ConfigError("num_classes", f"must be >= 0, got {self.num_classes}")
+        if self.condition_num_codes < 0:
+            raise ConfigError("condition_num_codes", f"must be >= 0, got {self.condition_num_codes}")
         if self.condition_num_codes == 0:
             if self.condition_shape:
                 raise ConfigError("condition_shape", "set without condition_num_codes (must be [])")
@@ -108,21 +128,19 @@ class PriorConfig:
                 f"shape {list(self.shape)} must be a multiple of {list(self.condition_shape)}",
             )
 
-    @property
-    def attention_after(self) -> tuple[int, ...]:
-        """Indices of the gated layers followed by an attention block."""
-        n = self.attention_every
-        return tuple(l for l in range(self.num_layers) if n and (l + 1) % n == 0)
+
+def upgrade_export_config(config: dict) -> dict[str, dict]:
+    """The constructor arguments of a ``model.json`` written when the layout sat in the config."""
+    layout_keys = {f.name for f in fields(PriorLayout)}
+    return {
+        "config": {k: v for k, v in config.items() if k not in layout_keys},
+        "layout": {k: v for k, v in config.items() if k in layout_keys},
+    }
 
 
 def _check_shape(name: str, shape: tuple[int, ...]) -> None:
     if len(shape) != 2 or min(shape) < 1:
         raise ConfigError(name, f"must be two positive sizes [H, W], got {list(shape)}")
-
-
-def bits_per_dim(nll_nats: torch.Tensor | float) -> torch.Tensor | float:
-    """Convert a negative log-likelihood per code from nats to bits."""
-    return nll_nats / math.log(2.0)
 
 
 def gated_activation(pre: torch.Tensor, dim: int = 1) -> torch.Tensor:
@@ -155,10 +173,10 @@ class ConditionStack(nn.Module):
     conditioning map is known before sampling starts.
     """
 
-    def __init__(self, config: PriorConfig):
+    def __init__(self, config: PriorConfig, layout: PriorLayout):
         super().__init__()
-        self.shape = tuple(config.shape)
-        self.embed = nn.Embedding(config.condition_num_codes, config.condition_channels)
+        self.shape = tuple(layout.shape)
+        self.embed = nn.Embedding(layout.condition_num_codes, config.condition_channels)
         blocks = [ResidualBlock(config.condition_channels) for _ in range(config.condition_res_blocks)]
         self.blocks = nn.Sequential(*blocks)
 
@@ -198,7 +216,7 @@ class GatedLayer(nn.Module):
     weights on one row / one position against a :class:`LayerCache` for cached sampling.
     """
 
-    def __init__(self, config: PriorConfig, *, first: bool):
+    def __init__(self, config: PriorConfig, layout: PriorLayout, *, first: bool):
         super().__init__()
         c, k = config.channels, config.kernel_size
         self.half = k // 2
@@ -212,9 +230,9 @@ class GatedLayer(nn.Module):
         self.skip = nn.Linear(c, c)
         self.dropout = nn.Dropout(config.dropout)
         # Conditioning biases for both stacks at once: 4C = (vertical 2C, horizontal 2C).
-        self.class_bias = nn.Embedding(config.num_classes, 4 * c) if config.num_classes else None
+        self.class_bias = nn.Embedding(layout.num_classes, 4 * c) if layout.num_classes else None
         self.condition_bias = (
-            nn.Conv2d(config.condition_channels, 4 * c, 1) if config.condition_num_codes else None
+            nn.Conv2d(config.condition_channels, 4 * c, 1) if layout.condition_num_codes else None
         )
 
     def biases(
@@ -347,29 +365,30 @@ class GatedPixelCNN(nn.Module):
 
     Example::
 
-        prior = GatedPixelCNN(PriorConfig(num_codes=512, shape=(32, 32)))
-        logits = prior(codes)                  # [B, 512, 32, 32]
-        loss = prior.loss(logits, codes)       # nats per code
+        prior = GatedPixelCNN(PriorConfig(), PriorLayout(num_codes=512, shape=(32, 32)))
+        logits = prior(codes)                           # [B, 512, 32, 32]
+        loss = F.cross_entropy(logits.float(), codes)   # nats per code
     """
 
-    def __init__(self, config: PriorConfig):
+    def __init__(self, config: PriorConfig, layout: PriorLayout):
         super().__init__()
         self.config = config
+        self.layout = layout
         c = config.channels
-        self.embed = nn.Embedding(config.num_codes, c)
-        self.condition_stack = ConditionStack(config) if config.condition_num_codes else None
-        self.layers = nn.ModuleList(GatedLayer(config, first=l == 0) for l in range(config.num_layers))
+        self.embed = nn.Embedding(layout.num_codes, c)
+        self.condition_stack = ConditionStack(config, layout) if layout.condition_num_codes else None
+        self.layers = nn.ModuleList(GatedLayer(config, layout, first=l == 0) for l in range(config.num_layers))
         self.attention = nn.ModuleDict(
             {
                 str(l): CausalAttentionBlock(
-                    channels=c, num_heads=config.num_heads, shape=config.shape, dropout=config.dropout,
+                    channels=c, num_heads=config.num_heads, shape=layout.shape, dropout=config.dropout,
                     backend=config.kernel_backend,
                 )
                 for l in config.attention_after
             }
         )
         # Reads skip sum + final horizontal features, channels-last.
-        self.head = nn.Sequential(nn.ELU(), nn.Linear(c, c), nn.ELU(), nn.Linear(c, config.num_codes))
+        self.head = nn.Sequential(nn.ELU(), nn.Linear(c, c), nn.ELU(), nn.Linear(c, layout.num_codes))
 
     def check_inputs(
         self,
@@ -380,7 +399,7 @@ class GatedPixelCNN(nn.Module):
         batch: int | None = None,
     ) -> None:
         """Raise :class:`DataError` naming the input whose shape, dtype or range does not fit."""
-        cfg = self.config
+        cfg = self.layout
         ranges = []  # (name, tensor, upper bound): checked together, with one read back to the host
         if codes is not None:
             ranges.append(_check_indices("codes", codes, tuple(cfg.shape), cfg.num_codes))
@@ -449,7 +468,7 @@ class GatedPixelCNN(nn.Module):
         position :meth:`step` and :meth:`commit`. The conditioning stack and class embeddings run once,
         here; the layers' 1x1 bias projections once per row."""
         self.check_inputs(labels=labels, condition=condition, batch=batch_size)
-        height, width = self.config.shape
+        height, width = self.layout.shape
         features = None if self.condition_stack is None else self.condition_stack(condition)
         row = None if features is None else features[:, :, :1]
         return PriorCache(
@@ -466,7 +485,7 @@ class GatedPixelCNN(nn.Module):
 
     def begin_row(self, cache: PriorCache, position: torch.Tensor) -> None:
         """Start the code row of raster ``position`` (int64 ``[1]``, its first column)."""
-        row = position // self.config.shape[1]
+        row = position // self.layout.shape[1]
         features = None if cache.features is None else cache.features.index_select(2, row)  # [B, Cc, 1, W]
         for layer, layer_cache in zip(self.layers, cache.layers):
             layer.begin_row(layer_cache, cache.labels, features)
@@ -479,7 +498,7 @@ class GatedPixelCNN(nn.Module):
 
     def step(self, cache: PriorCache, position: torch.Tensor) -> torch.Tensor:
         """Logits ``[B, K]`` at raster ``position`` (int64 ``[1]``), as ``forward`` gives them there."""
-        row, col = position // self.config.shape[1], position % self.config.shape[1]
+        row, col = position // self.layout.shape[1], position % self.layout.shape[1]
         h, skip = None, 0
         for l, (layer, layer_cache) in enumerate(zip(self.layers, cache.layers)):
             h, layer_skip = layer.step(layer_cache, h, col)
@@ -492,14 +511,9 @@ class GatedPixelCNN(nn.Module):
         """Feed the codes ``[B]`` chosen at ``position`` (after :meth:`step` there) into the caches."""
         x = self.embed(codes)  # [B, C]
         self.layers[0].push_code(cache.layers[0], x)
-        cache.row_inputs.index_copy_(3, position % self.config.shape[1], x[:, :, None, None])
+        cache.row_inputs.index_copy_(3, position % self.layout.shape[1], x[:, :, None, None])
         for name, block in self.attention.items():
             block.commit(cache.attention[name], x, position)
-
-    @staticmethod
-    def loss(logits: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-        """Mean cross entropy in nats per code: ``logits [B, K, H, W]``, ``codes [B, H, W]``."""
-        return F.cross_entropy(logits.float(), codes)
 
 
 def _check_indices(

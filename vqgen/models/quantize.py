@@ -22,8 +22,9 @@ from einops import rearrange
 from torch import nn
 
 from vqgen.errors import ConfigError
-from vqgen.kernels import Backend
+from vqgen.kernels import Backend, check_backend
 from vqgen.kernels.vq_search import nearest_code
+from vqgen.metrics.image import perplexity
 
 
 @dataclass(kw_only=True)
@@ -66,8 +67,7 @@ class QuantizerConfig:
             raise ConfigError("dead_code_threshold", f"must be >= 0, got {self.dead_code_threshold}")
         if self.restart_every < 1:
             raise ConfigError("restart_every", f"must be >= 1, got {self.restart_every}")
-        if self.kernel_backend not in ("auto", "triton", "torch"):
-            raise ConfigError("kernel_backend", f"must be auto, triton or torch, got {self.kernel_backend!r}")
+        check_backend(self.kernel_backend, "kernel_backend")
 
 
 @dataclass
@@ -205,14 +205,12 @@ class EMAQuantizer(nn.Module):
         commitment = self.config.commitment_cost * F.mse_loss(z, q.detach())
         quantized = z + (q - z).detach()  # straight-through: d quantized / d z = identity
 
-        probs = counts / counts.sum()
-        perplexity = torch.exp(-(probs * torch.log(probs.clamp_min(1e-10))).sum())
         usage = (counts > 0).float().mean()
         return QuantizerOutput(
             quantized=quantized,
             codes=idx.view(b, h, w),
             commitment_loss=commitment,
-            perplexity=perplexity,
+            perplexity=perplexity(counts),
             usage=usage,
         )
 

@@ -13,14 +13,14 @@ features are concatenated with the decoded top codes), so it only has to encode 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from vqgen.errors import ConfigError, DataError
-from vqgen.kernels import Backend
 from vqgen.models.quantize import EMAQuantizer, QuantizerConfig, QuantizerOutput
 
 DOWNSAMPLE = 8
@@ -29,7 +29,7 @@ DOWNSAMPLE = 8
 
 @dataclass(kw_only=True)
 class VQVAEConfig:
-    """Architecture and quantizer settings of :class:`VQVAE2`. Defaults are the paper's 256x256 sizes."""
+    """Architecture of :class:`VQVAE2`. Defaults are the paper's 256x256 sizes."""
 
     in_channels: int = 3
     """Image channels (3 for RGB, 1 for grayscale)."""
@@ -39,29 +39,21 @@ class VQVAEConfig:
     """Bottleneck width inside each residual block."""
     num_res_blocks: int = 2
     """Residual blocks per encoder and decoder."""
-    num_codes: int = 512
-    """Codebook size K of the top level (and of the bottom level unless ``bottom_num_codes`` is set)."""
+    quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
+    """Both levels' EMA quantizers (codebook size K of the top level, code dimension D of both)."""
     bottom_num_codes: int = 0
-    """Codebook size of the bottom level; 0: the same as ``num_codes``. A smaller bottom codebook
-    pushes more of the image's information into the top codes, whose prior is cheaper to train."""
-    code_dim: int = 64
-    """Dimension D of each code, both levels."""
-    decay: float = 0.99
-    """EMA decay of the codebooks."""
-    eps: float = 1e-5
-    """Laplace smoothing of the codebooks' cluster sizes."""
-    commitment_cost: float = 0.25
-    """Weight beta of each level's commitment loss."""
-    dead_code_threshold: float = 1.0
-    """EMA cluster size below which a code is restarted from an encoder output; 0 disables restarts."""
-    restart_every: int = 100
-    """Training steps between dead-code checks."""
-    data_init: bool = True
-    """Initialise each codebook from the encoder outputs of the first training batch."""
-    kernel_backend: Backend = "auto"
-    """Nearest-code search implementation: "auto", "triton" or "torch"."""
+    """Codebook size of the bottom level; 0: the same as ``quantizer.num_codes``. A smaller bottom
+    codebook pushes more of the image's information into the top codes, whose prior is cheaper to
+    train."""
     latent_loss_weight: float = 1.0
     """Weight of the summed commitment losses in the total loss."""
+
+    # The quantizer's settings sat at this level before they became their own section.
+    MOVED_KEYS: ClassVar[dict[str, str]] = {
+        name: f"quantizer.{name}"
+        for name in ("num_codes", "code_dim", "decay", "eps", "commitment_cost", "dead_code_threshold",
+                     "restart_every", "data_init", "kernel_backend")
+    }
 
     def __post_init__(self) -> None:
         if self.in_channels < 1:
@@ -76,27 +68,27 @@ class VQVAEConfig:
             raise ConfigError("latent_loss_weight", f"must be >= 0, got {self.latent_loss_weight}")
         if self.bottom_num_codes < 0:
             raise ConfigError("bottom_num_codes", f"must be >= 0, got {self.bottom_num_codes}")
-        self.quantizer_config("top")  # validates the quantizer fields under their own names
+
+    @property
+    def code_dim(self) -> int:
+        return self.quantizer.code_dim
 
     def level_num_codes(self, level: str) -> int:
         """Codebook size of ``level`` ("top" or "bottom")."""
         if level == "bottom" and self.bottom_num_codes:
             return self.bottom_num_codes
-        return self.num_codes
+        return self.quantizer.num_codes
 
     def quantizer_config(self, level: str) -> QuantizerConfig:
         """The config of one level's quantizer (the levels differ only in codebook size)."""
-        return QuantizerConfig(
-            num_codes=self.level_num_codes(level),
-            code_dim=self.code_dim,
-            decay=self.decay,
-            eps=self.eps,
-            commitment_cost=self.commitment_cost,
-            dead_code_threshold=self.dead_code_threshold,
-            restart_every=self.restart_every,
-            data_init=self.data_init,
-            kernel_backend=self.kernel_backend,
-        )
+        return replace(self.quantizer, num_codes=self.level_num_codes(level))
+
+
+def upgrade_export_config(config: dict) -> dict[str, dict]:
+    """The constructor arguments of a ``model.json`` written before the quantizer had its own section."""
+    moved = {key: config[key] for key in VQVAEConfig.MOVED_KEYS if key in config}
+    rest = {key: value for key, value in config.items() if key not in moved}
+    return {"config": {**rest, "quantizer": {**rest.get("quantizer", {}), **moved}} if moved else rest}
 
 
 @dataclass
