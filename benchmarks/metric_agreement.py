@@ -244,13 +244,9 @@ def torch_fidelity_on_features(real: FeatureSet, fake: FeatureSet, settings: Set
 
 
 def tf1_resize_features(images: torch.Tensor, weights: Path) -> torch.Tensor:
-    """Pool features from torchmetrics' network with ``antialias=False``, i.e. torch-fidelity's TF1
-    resize: equal to torch-fidelity's features if the resize is the only difference."""
-    from torchmetrics.image.fid import NoTrainInceptionV3
-
-    net = NoTrainInceptionV3("tf1-resize", ["2048"], str(weights), antialias=False)
-    with torch.inference_mode():
-        return net(images.expand(-1, 3, -1, -1))
+    """Pool features of vqgen's extractor with ``resize="tf1"`` (torch-fidelity's TF1 resize):
+    equal to torch-fidelity's features if the resize is the only difference."""
+    return InceptionFeatures(weights, resize="tf1")(images)
 
 
 def relative_difference(ours: float, theirs: float) -> float:
@@ -319,6 +315,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
     parser.add_argument("--batch-size", type=int, default=Settings.batch_size)
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--resize", choices=("torch", "tf1"), default="torch",
+                        help="vqgen's resize convention (evaluate.resize); tf1 is torch-fidelity's")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     settings = Settings(kid_subset_size=args.kid_subset_size, seed=args.seed, batch_size=args.batch_size)
@@ -326,7 +324,8 @@ def main() -> None:
     pairs = load_image_sets(args.data_root, args.count, tuple(args.datasets))
     with tempfile.TemporaryDirectory(prefix="metric-agreement-weights-") as tmp:
         weights = write_weights_with_random_fc(source, Path(tmp) / "inception-random-fc.pth", seed=args.fc_seed)
-        extractor = InceptionFeatures(weights)
+        extractor = InceptionFeatures(weights, resize=args.resize)
+        print(f"vqgen resize convention: {args.resize}")
         for name, pair in pairs.items():
             result = compare(pair, extractor, weights, settings)
             print(f"\n### {name}: {len(pair.real)} real + {len(pair.fake)} generated images, "

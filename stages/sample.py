@@ -3,32 +3,28 @@
 Samples are made in global batches ``b = 0, 1, ...`` of ``batch_size``; batch ``b`` is drawn with
 its own generator seeded from ``(seed, b)``, so the samples do not depend on the number of
 processes, and process ``p`` makes batches ``p, p + world, ...`` (no index twice, none missing).
-Each finished batch is saved at once (``samples/parts/``), so an interrupted run resumes at the
-next unfinished batch. The end product: ``samples/samples.npz`` (uint8 images ``[N, C, H, W]`` and
-labels) and ``samples/grid.png``.
+The drawing is :mod:`vqgen.generate`'s, the one that ``VQGen.sample`` and ``vqgen sample`` use: the
+same models and settings give them this stage's images. Each finished batch is saved at once
+(``samples/parts/``), so an interrupted run resumes at the next unfinished batch. The end product:
+``samples/samples.npz`` (uint8 images ``[N, C, H, W]`` and labels, streamed from the parts, so
+memory holds one batch) and ``samples/grid.png``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import shutil
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from accelerate import Accelerator
-from tqdm.auto import tqdm
 
+from vqgen.bundle import COMPONENTS
 from vqgen.config import SampleStageConfig
 from vqgen.configtools import split_by_role
-from vqgen.distributed import shard_indices
-from vqgen.stage import Stage, StageResult
+from vqgen.generate import SamplePlan, Samples, VQGen, finish_parts, unfinished_batches, write_parts
 from vqgen.models.export import load_model, read_export_info
-from vqgen.data.datasets import to_uint8
-from vqgen.data.samples import load_samples, save_samples
-from vqgen.pictures import save_grid
-from vqgen.sampling import sample
+from vqgen.tracking import log_images
+from vqgen.stage import Stage, StageResult
 from vqgen.utils import atomic_write_bytes, sha256_json
 
 DIR = "samples"
@@ -40,8 +36,14 @@ def parts_key(cfg: SampleStageConfig) -> str:
     return sha256_json({"sample": split_by_role(cfg)[0]})
 
 
+def stage_plan(cfg: SampleStageConfig) -> SamplePlan:
+    """The stage's settings as the library's plan (``label = -1``: labels drawn uniformly)."""
+    return SamplePlan(num_samples=cfg.num_samples, batch_size=cfg.batch_size, seed=cfg.seed, top=cfg.top,
+                      bottom=cfg.bottom, labels=(cfg.label,) if cfg.label >= 0 else ())
+
+
 def _models_key(run_dir: Path) -> str:
-    return "".join(read_export_info(run_dir / d)["sha256"] for d in ("vqvae", "prior-top", "prior-bottom"))
+    return "".join(read_export_info(run_dir / d)["sha256"] for d in COMPONENTS)
 
 
 def _reset_parts_if_stale(parts: Path, key: str) -> None:
@@ -53,59 +55,38 @@ def _reset_parts_if_stale(parts: Path, key: str) -> None:
     atomic_write_bytes(stamp, key.encode())
 
 
-@torch.no_grad()
-def sample_batch(cfg: SampleStageConfig, models, batch: int, n: int, device, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """``n`` images of global batch ``batch``: uint8 ``[n, C, H, W]`` and labels (-1 if none)."""
-    vqvae, top_prior, bottom_prior = models
-    # A CPU generator: every random number is drawn on the CPU and moved, so a seed gives the same
-    # samples on any device and any number of processes.
-    generator = torch.Generator(device="cpu").manual_seed(cfg.seed * 1_000_003 + batch)
-    num_classes = top_prior.layout.num_classes
-    labels = None
-    if num_classes:
-        labels = (torch.full((n,), cfg.label) if cfg.label >= 0 else torch.randint(num_classes, (n,), generator=generator)).to(device)
-    top = sample(top_prior, n, labels=labels, config=cfg.top, generator=generator, cached=cfg.cached,
-                 cuda_graphs=cfg.cuda_graphs, progress=progress)
-    bottom_labels = labels if bottom_prior.layout.num_classes else None
-    bottom = sample(bottom_prior, n, labels=bottom_labels, condition=top, config=cfg.bottom, generator=generator,
-                    cached=cfg.cached, cuda_graphs=cfg.cuda_graphs, progress=progress)
-    images = to_uint8(vqvae.decode_codes(top, bottom).float()).cpu()
-    return images, (labels.cpu() if labels is not None else torch.full((n,), -1))
+def sample_batch(cfg: SampleStageConfig, models: VQGen, batch: int, n: int, device, progress: bool = False) -> Samples:
+    """Global batch ``batch`` (``n`` images, on ``device``: what the plan and the models give) drawn
+    by the library's one batch function; the stage's hook, which tests wrap to count batches."""
+    return models.draw_batch(stage_plan(cfg), batch, progress=progress)
 
 
 def run(sections: dict, run_dir: Path, accelerator: Accelerator) -> StageResult:
     cfg: SampleStageConfig = sections["sample"]
+    plan = stage_plan(cfg)
     stage_dir = run_dir / DIR
     parts = stage_dir / "parts"
     if accelerator.is_main_process:
         _reset_parts_if_stale(parts, parts_key(cfg) + _models_key(run_dir))
     accelerator.wait_for_everyone()
-    device = accelerator.device
-    models = tuple(load_model(run_dir / d, device=device)[0] for d in ("vqvae", "prior-top", "prior-bottom"))
-    num_batches = -(-cfg.num_samples // cfg.batch_size)
-    mine = shard_indices(num_batches, accelerator.process_index, accelerator.num_processes)
-    todo = [b for b in mine if not (parts / f"batch-{b:06d}.npz").exists()]
-    start, made = time.perf_counter(), 0
-    for b in tqdm(todo, desc="sample batches", disable=not accelerator.is_main_process):
-        n = min(cfg.batch_size, cfg.num_samples - b * cfg.batch_size)
-        images, labels = sample_batch(cfg, models, b, n, device, progress=accelerator.is_main_process)
-        save_samples(parts / f"batch-{b:06d}.npz", images.numpy(), labels.numpy())
-        made += n
-    rate = made / max(time.perf_counter() - start, 1e-9)
+    device, main = accelerator.device, accelerator.is_main_process
+    models = VQGen(*(load_model(run_dir / d, device=device)[0] for d in COMPONENTS),
+                   cached=cfg.cached, cuda_graphs=cfg.cuda_graphs)
+    todo = unfinished_batches(parts, plan, accelerator.process_index, accelerator.num_processes)
+
+    def draw(batch: int) -> Samples:
+        return sample_batch(cfg, models, batch, len(plan.batch_indices(batch)), device, progress=main)
+
+    made, seconds = write_parts(parts, todo, draw, progress=main)
     metrics = {
-        "samples_per_sec": accelerator.reduce(torch.tensor(rate, device=device), "sum").item(),
+        "samples_per_sec": accelerator.reduce(torch.tensor(made / max(seconds, 1e-9), device=device), "sum").item(),
         "samples_per_process": accelerator.gather(torch.tensor([made], device=device)).tolist(),
     }
     accelerator.wait_for_everyone()
     content = {}
-    if accelerator.is_main_process:
-        batches = [load_samples(parts / f"batch-{b:06d}.npz") for b in range(num_batches)]
-        images = np.concatenate([imgs for imgs, _ in batches])
-        labels = np.concatenate([labs for _, labs in batches])
-        save_samples(stage_dir / "samples.npz", images, labels)
-        save_grid(torch.from_numpy(images[: cfg.grid_size]), stage_dir / "grid.png")
-        # The zip's timestamps differ between writes of the same arrays: fingerprint the arrays.
-        content["samples.npz"] = hashlib.sha256(repr(images.shape).encode() + images.tobytes() + labels.tobytes()).hexdigest()
+    if main:
+        content["samples.npz"] = finish_parts(parts, plan, stage_dir, cfg.grid_size)
+        log_images(accelerator, {"samples": stage_dir / "grid.png"})
     return StageResult({"samples": "samples.npz", "grid": "grid.png", "count": cfg.num_samples}, metrics,
                        files=("samples.npz",), content=content)
 

@@ -24,6 +24,7 @@ from vqgen.data.code_dataset import CodeDataset
 from vqgen.distributed import shard_loader
 from vqgen.errors import ConfigError
 from vqgen.evaluation import prior_bits_per_dim, prior_loss_fn
+from vqgen.tracking import log_images
 from vqgen.stage import Stage, StageResult
 from vqgen.models.export import export_model, load_model
 from vqgen.models.pixelcnn import GatedPixelCNN, PriorLayout
@@ -96,6 +97,7 @@ def run(sections: dict, run_dir: Path, accelerator: Accelerator, *, level: Level
     def snapshot(model, step):
         if accelerator.is_main_process and cfg.num_sample_images:
             write_samples(model, level, run_dir, eval_store, cfg.num_sample_images, stage_dir / "samples.png", accelerator.device)
+            log_images(accelerator, {"samples": stage_dir / "samples.png"}, step)
 
     loss_fn = prior_loss_fn(level, cfg.class_conditional)
     state = fit(model, train_store, cfg.train, accelerator, stage_dir, loss_fn, evaluate, snapshot, "val_bits_per_dim")

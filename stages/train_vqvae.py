@@ -16,6 +16,7 @@ from vqgen.config import VQVAEStageConfig
 from vqgen.data.datasets import DataConfig, build_dataset, skipped_files_report
 from vqgen.distributed import shard_loader
 from vqgen.evaluation import reconstruction_metrics, vqvae_loss
+from vqgen.tracking import log_images
 from vqgen.stage import Stage, StageResult, check_data
 from vqgen.models.export import export_model
 from vqgen.models.vqvae2 import VQVAE2
@@ -49,6 +50,7 @@ def run(sections: dict, run_dir: Path, accelerator: Accelerator) -> StageResult:
     def snapshot(model, step):
         if accelerator.is_main_process:
             write_recon_grid(model, preview.to(accelerator.device), stage_dir / "recon.png")
+            log_images(accelerator, {"recon": stage_dir / "recon.png"}, step)
 
     state = fit(model, train_set, cfg.train, accelerator, stage_dir, vqvae_loss, evaluate, snapshot, "val_recon_mse")
     model = best_weights(accelerator.unwrap_model(model), state, stage_dir)

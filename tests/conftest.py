@@ -16,6 +16,16 @@ torch.set_num_threads(1)
 SHARED_DATA = Path(os.environ.get("VQGEN_TEST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
+@pytest.fixture(scope="module")
+def single_thread():
+    """For modules of tiny models (``pytestmark = pytest.mark.usefixtures("single_thread")``): they
+    run fastest on one thread; two threads spin badly on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def shared_data() -> Path:
     """The folder of real test data (Fashion-MNIST, CIFAR-10 subset, Inception weights), if present."""

@@ -94,7 +94,7 @@ def test_damaged_exports_are_clear_errors(tmp_path):
     weights = tmp_path / "model.safetensors"
     good = weights.read_bytes()
     weights.write_bytes(good[: len(good) // 2])
-    with pytest.raises(CheckpointError, match="does not match the checksum"):
+    with pytest.raises(CheckpointError, match="does not match the sha256"):
         load_model(tmp_path)
     with pytest.raises(CheckpointError, match="could not be read"):
         load_model(tmp_path, verify=False)

@@ -137,14 +137,6 @@ def test_moments_over_uneven_batches_match_numpy():
     assert torch.allclose(stats.mean, features.mean(0), atol=1e-10)
     assert np.allclose(stats.cov.numpy(), np.cov(features.numpy(), rowvar=False), atol=1e-10)
 
-    # Moments of two shards (as from two processes) merge to the moments of the whole set.
-    shard_a, shard_b = FeatureMoments(8), FeatureMoments(8)
-    shard_a.update(features[:30])
-    shard_b.update(features[30:])
-    shard_a.merge(shard_b)
-    merged = shard_a.to_stats()
-    assert merged.count == 37 and torch.allclose(merged.cov, stats.cov, atol=1e-10)
-
 
 def test_degenerate_statistics_are_a_named_error(monkeypatch):
     good = _stats(torch.zeros(4), torch.eye(4))

@@ -94,3 +94,11 @@ def test_accelerate_launch_three_processes(tiny_pipeline):
     assert manifest(run_dir, "extract-codes")["metrics"]["train_images_per_process"] == [22, 21, 21]
     assert manifest(run_dir, "sample")["metrics"]["samples_per_process"] == [4, 4, 0]
     assert tiny_pipeline("run", procs=3, launcher="accelerate").count("up to date, skipped") == 6
+    # Evaluation on every process: the three ranks' shares of the features, gathered, give the
+    # metrics of one process encoding everything.
+    three = json.loads((run_dir / "eval" / "metrics.json").read_text())
+    tiny_pipeline("stage", "evaluate")
+    one = json.loads((run_dir / "eval" / "metrics.json").read_text())
+    assert one.keys() == three.keys()
+    for key, value in one.items():
+        assert three[key] == (pytest.approx(value, rel=1e-5, abs=1e-9) if isinstance(value, float) else value), key

@@ -39,11 +39,16 @@ def test_pipeline_end_to_end_with_kill_and_resume(tiny_pipeline):
     with np.load(run / "samples" / "samples.npz") as samples:
         assert samples["images"].shape == (8, 3, 16, 16) and samples["images"].dtype == np.uint8
     metrics = json.loads((run / "eval" / "metrics.json").read_text())
-    assert metrics["fid"] > 0 and metrics["fid_num_samples"] == 8
-    # Scoring the samples file alone gives the evaluate stage's FID (same cached reference statistics).
+    assert metrics["fid"] > 0 and metrics["num_samples"] == 8 and metrics["num_real"] == 16
+    assert metrics["kid_std"] > 0 and 0 <= metrics["precision"] <= 1 and 0 <= metrics["recall"] <= 1
+    assert metrics["reference"] == "eval split" and metrics["resize"].startswith("torch:")
+    assert "no Inception Score" in metrics["isc_unavailable"]  # FID-only weights: no logits
+    # Scoring the samples file alone gives the evaluate stage's figures (the same cached reference).
     scored = tiny_pipeline("fid", str(run / "samples" / "samples.npz"), sets=LONG_TOP)
-    scored = json.loads(scored.splitlines()[-1])
-    assert scored == {"fid": pytest.approx(metrics["fid"], rel=1e-6), "fid_num_samples": 8, "fid_num_real": 16}
+    scored = json.loads(scored[scored.index("{"):])
+    for key in ("fid", "kid_mean", "kid_std", "precision", "recall"):
+        assert scored[key] == pytest.approx(metrics[key], rel=1e-6), key
+    assert (scored["num_samples"], scored["num_real"], scored["reference"]) == (8, 16, "eval split")
     for picture in ("vqvae/recon.png", "prior-top/samples.png", "samples/grid.png", "eval/report.png"):
         assert (run / picture).stat().st_size > 0
 

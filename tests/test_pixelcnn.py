@@ -17,16 +17,9 @@ from vqgen.kernels.causal_attention import strictly_causal_attention
 from vqgen.metrics.image import bits_per_dim
 from vqgen.models.pixelcnn import GatedPixelCNN, PriorConfig, PriorLayout
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 SHAPE = (8, 8)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny models run fastest on one thread; two threads spin badly on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def top_config(**overrides) -> dict:

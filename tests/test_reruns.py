@@ -63,7 +63,7 @@ def test_each_change_reruns_exactly_the_stages_that_depend_on_it(tiny_pipeline):
 
     # The evaluation alone.
     expect(rerun("evaluate.num_real=8"), evaluate="restart")
-    assert json.loads((run_dir / "eval" / "metrics.json").read_text())["fid_num_real"] == 8
+    assert json.loads((run_dir / "eval" / "metrics.json").read_text())["num_real"] == 8
 
     # Sampling: new images, and the evaluation of the old ones goes.
     expect(rerun("sample.seed=3"), sample="restart", evaluate="restart")

@@ -4,7 +4,11 @@
     vqgen stage train-prior-top pipelines/demo.toml [--set ...]   # one stage (or: train-prior --level top)
     vqgen config pipelines/demo.toml [--set ...]        # print the resolved config
     vqgen codes inspect runs/demo                         # counts, shapes, code usage
-    vqgen fid pipelines/cifar10.toml samples.npz [--set ...]  # FID of any samples file
+    vqgen sample runs/demo|BUNDLE|HUB_ID --num 1000 --out generated/ [--class 3,7] [--seed 0]  # images from a trained model
+    vqgen export runs/demo bundles/demo                   # the trained models as one Hub-style folder
+    vqgen score samples.npz|DIR --config pipelines/cifar10.toml [--set ...]   # metrics of any images
+    vqgen score samples.npz|DIR --against real_dir|other.npz|stats.npz [--config ...]
+    vqgen fid pipelines/cifar10.toml samples.npz [--set ...]  # the same as score, config first
 
 Multi-GPU / multi-node: the same commands under ``accelerate launch -m vqgen.cli ...``.
 """
@@ -41,13 +45,77 @@ def _parser() -> argparse.ArgumentParser:
     stage.add_argument("--level", choices=("top", "bottom"),
                        help=f"with {PRIOR_SHORTHAND}: the prior's level (the same as {PRIOR_SHORTHAND}-LEVEL)")
     with_config(sub.add_parser("config", help="print the resolved config"))
-    fid = with_config(sub.add_parser("fid", help="FID of a samples file against the config's evaluation images"))
-    fid.add_argument("samples", help="a .npz with uint8 images [N, C, H, W], e.g. a run's samples/samples.npz")
+    score = sub.add_parser("score", help="FID, KID, IS, precision/recall of any images against a reference")
+    score.add_argument("samples", help="a .npz with uint8 images [N, C, H, W] (e.g. a run's samples/samples.npz) "
+                                       "or a folder of images")
+    score.add_argument("--config", help="pipeline TOML: its [evaluate] settings, and its reference unless --against")
+    score.add_argument("--against", help="reference images (a folder or a samples .npz) or a statistics .npz "
+                                         "(pytorch-fid's mu, sigma) instead of the config's reference")
+    score.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                       help="override a config value (repeatable), e.g. --set evaluate.resize=tf1")
+    fid = with_config(sub.add_parser("fid", help="the same as score, with the config first"))
+    fid.add_argument("samples", help="a .npz with uint8 images [N, C, H, W], or a folder of images")
     codes = sub.add_parser("codes", help="code store tools")
     codes_sub = codes.add_subparsers(dest="codes_command", required=True)
     inspect = codes_sub.add_parser("inspect", help="counts, shapes and code usage of a run's code stores")
     inspect.add_argument("run_dir")
+    _add_generation_commands(sub)
     return parser
+
+
+def _add_generation_commands(sub) -> None:
+    gen = sub.add_parser("sample", help="generate images from a trained model into a new folder (resumable)")
+    gen.add_argument("model", help="a run folder, a bundle from `vqgen export`, or a Hugging Face Hub repo id")
+    # Under torchrun, spell it -n or --num-samples: torchrun's own parser takes --num for an
+    # ambiguous abbreviation of its --numa-binding and stops before vqgen starts.
+    gen.add_argument("--num", "-n", "--num-samples", dest="num", type=int, required=True, help="number of images")
+    labels = gen.add_mutually_exclusive_group()
+    labels.add_argument("--class", dest="classes", help="class indices, comma-separated: image i gets the "
+                                                        "(i mod count)-th (default: classes drawn uniformly)")
+    labels.add_argument("--class-names", help="the same by class name, e.g. circle,ring")
+    gen.add_argument("--temperature", type=float, default=1.0, help="both levels (0: the most likely code)")
+    gen.add_argument("--top-k", type=int, default=0, help="sample among the k most likely codes (0: off)")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
+    gen.add_argument("--seed", type=int, default=0, help="batch b draws from seed * 1000003 + b, as the sample stage")
+    gen.add_argument("--batch", type=int, default=32, help="images per batch (part of what fixes the images)")
+    gen.add_argument("--out", required=True, help="a new folder (a rerun into it resumes)")
+    gen.add_argument("--format", default="png,npz", help="png (one file per image), npz (samples.npz), or both")
+    gen.add_argument("--bf16", action="store_true", help="decode under bf16 autocast where supported")
+    export = sub.add_parser("export", help="write a run's models as one bundle folder (Hub layout, model card)")
+    export.add_argument("run_dir")
+    export.add_argument("out_dir")
+
+
+def _sample(args) -> None:
+    from pathlib import Path
+
+    from vqgen.distributed import process_state
+    from vqgen.generate import FORMATS, VQGen, sample_to_folder
+
+    formats = [f.strip() for f in args.format.split(",") if f.strip()]
+    unknown = sorted(set(formats) - set(FORMATS))
+    if unknown or not formats:
+        raise VQGenError(f"--format: {', '.join(unknown) or 'nothing'} given; choose from {', '.join(FORMATS)}")
+    try:
+        labels = [int(c) for c in args.classes.split(",")] if args.classes else None
+    except ValueError:
+        raise VQGenError(f"--class: {args.classes!r} is not a comma-separated list of class indices "
+                         "(use --class-names for names)") from None
+    labels = [n.strip() for n in args.class_names.split(",")] if args.class_names else labels
+    gen = VQGen.from_pretrained(args.model, device=process_state().device, bf16=args.bf16)
+    plan = gen.plan(args.num, labels=labels, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                    seed=args.seed, batch_size=args.batch)
+    manifest = sample_to_folder(gen, plan, Path(args.out), formats=formats)
+    if process_state().is_main_process:
+        print(f"{args.out}: {manifest['count']} images ({manifest.get('samples_per_sec', '-')} samples/s)")
+
+
+def _export(run_dir: str, out_dir: str) -> None:
+    from pathlib import Path
+
+    from vqgen.bundle import export_bundle
+
+    print(f"bundle written to {export_bundle(Path(run_dir), Path(out_dir))}")
 
 
 def _inspect(run_dir: str) -> None:
@@ -63,7 +131,7 @@ def _inspect(run_dir: str) -> None:
         print(format_inspection(inspect_store(store)))
 
 
-def _fid(cfg, samples: str) -> None:
+def _score(cfg, samples: str, against: str | None) -> None:
     import json
     from pathlib import Path
 
@@ -72,8 +140,9 @@ def _fid(cfg, samples: str) -> None:
     from vqgen.scoring import score_samples_file
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    metrics = score_samples_file(cfg.evaluate, cfg.data, Path(samples), Path(cfg.run.out_dir), device)
-    print(json.dumps(metrics))
+    metrics = score_samples_file(cfg.evaluate, cfg.data, Path(samples), Path(cfg.run.out_dir), device,
+                                 against=Path(against) if against else None)
+    print(json.dumps(metrics, indent=2))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,14 +151,22 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "codes":
             _inspect(args.run_dir)
             return 0
+        if args.command == "sample":
+            _sample(args)
+            return 0
+        if args.command == "export":
+            _export(args.run_dir, args.out_dir)
+            return 0
         from vqgen.config import config_to_toml, load_config
         from vqgen.pipeline import run_pipeline, run_single_stage
 
+        if args.command == "score" and args.config is None and args.against is None:
+            raise VQGenError("score: give --config (its evaluate.reference) or --against (reference images or statistics)")
         cfg = load_config(args.config, args.overrides)
         if args.command == "config":
             print(config_to_toml(cfg), end="")
-        elif args.command == "fid":
-            _fid(cfg, args.samples)
+        elif args.command in ("score", "fid"):
+            _score(cfg, args.samples, getattr(args, "against", None))
         elif args.command == "run":
             run_pipeline(cfg, from_stage=args.from_stage)
         else:

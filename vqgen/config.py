@@ -17,6 +17,7 @@ from vqgen.errors import ConfigError
 from vqgen.models.pixelcnn import PriorConfig
 from vqgen.models.vqvae2 import VQVAEConfig
 from vqgen.sampling import SamplerConfig
+from vqgen.tracking import TrackerKind
 from vqgen.train import TrainConfig
 
 
@@ -30,7 +31,11 @@ class RunConfig:
     seed: int = 0
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     """"auto": bf16 on a GPU, float32 on a CPU."""
-    tracker: Literal["csv", "tensorboard", "none"] = schedule_field("csv")
+    tracker: TrackerKind = schedule_field("csv")
+    """Where metrics go: "csv" (``metrics.csv`` in each stage folder), "none", or any tracker Accelerate
+    knows by name ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", ...), which
+    logs next to ``metrics.csv``. Its package must be installed: a missing one is an error when the
+    run starts."""
 
     def __post_init__(self):
         if not self.name or "/" in self.name:
@@ -130,6 +135,10 @@ class EvaluateStageConfig:
     """Where to download the weights from; empty: ``$VQGEN_INCEPTION_URL`` or the standard URL."""
     download_weights: bool = schedule_field(True)
     """Download the weights when they are missing (False: a missing file is an error at start-up)."""
+    resize: Literal["torch", "tf1"] = "torch"
+    """How images reach the Inception's 299x299 input: "torch" (PyTorch's bilinear, as pytorch-fid
+    and torchmetrics do) or "tf1" (TensorFlow 1's bilinear, as the original TF FID code and
+    torch-fidelity do). Small images' FIDs differ between the two; ``metrics.json`` records which."""
     num_real: int = 0
     """Real images for the reference (0: the whole reference split)."""
     num_recon: int = 0

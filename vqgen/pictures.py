@@ -43,30 +43,80 @@ def save_grid(images: torch.Tensor, path: Path, ncol: int | None = None) -> None
     save_png(image_grid(images, ncol), path, scale=scale)
 
 
-def draw_curves(series: dict[str, list[tuple[int, float]]], size=(480, 300)) -> Image.Image:
-    """One small line chart per series (value against step), stacked vertically."""
-    width, height = size
-    names = [n for n, points in series.items() if len(points) >= 2]
-    canvas = Image.new("RGB", (width, max(1, len(names)) * height), "white")
-    draw = ImageDraw.Draw(canvas)
-    for row, name in enumerate(names):
-        steps, values = zip(*series[name])
-        top, left, plot_w, plot_h = row * height + 24, 60, width - 80, height - 56
-        lo, hi = min(values), max(values)
-        hi = hi if hi > lo else lo + 1
-        s0, s1 = min(steps), max(steps) if max(steps) > min(steps) else min(steps) + 1
-        points = [
-            (left + (s - s0) / (s1 - s0) * plot_w, top + plot_h - (v - lo) / (hi - lo) * plot_h)
-            for s, v in zip(steps, values)
-        ]
-        draw.rectangle([left, top, left + plot_w, top + plot_h], outline=(160, 160, 160))
-        draw.line(points, fill=(31, 119, 180), width=2)
-        draw.text((left, top - 18), f"{name}  (last {values[-1]:.4g})", fill="black")
-        draw.text((4, top), f"{hi:.3g}", fill="black")
-        draw.text((4, top + plot_h - 10), f"{lo:.3g}", fill="black")
-        draw.text((left, top + plot_h + 4), f"step {s0}", fill="black")
-        draw.text((left + plot_w - 60, top + plot_h + 4), f"step {s1}", fill="black")
+COLOURS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40))
+Series = list[tuple[int, float]]
+
+
+def labelled_grid(images: torch.Tensor, labels, class_names: tuple[str, ...] = (), per_row: int = 8,
+                  pad: int = 2, scale: int = 1) -> Image.Image:
+    """uint8 ``[N, C, H, W]`` with their class labels → one row per class (its first ``per_row``
+    images), the class name (or number) at the left of each row; ``scale`` enlarges small images."""
+    rows = []
+    for label in sorted({int(l) for l in labels}):
+        chosen = [i for i, l in enumerate(labels) if int(l) == label][:per_row]
+        name = class_names[label] if 0 <= label < len(class_names) else str(label)
+        row = image_grid(images[chosen], ncol=per_row, pad=pad)
+        rows.append((name, row.resize((row.width * scale, row.height * scale), Image.NEAREST)))
+    margin = 8 + 7 * max(len(name) for name, _ in rows)
+    canvas = Image.new("RGB", (margin + max(r.width for _, r in rows), sum(r.height for _, r in rows)), "white")
+    draw, y = ImageDraw.Draw(canvas), 0
+    for name, row in rows:
+        canvas.paste(row, (margin, y))
+        draw.text((4, y + row.height // 2 - 6), name, fill="black")
+        y += row.height
     return canvas
+
+
+def draw_curves(panels: dict[str, dict[str, Series]], size=(480, 300), log_scale: tuple[str, ...] = ()) -> Image.Image:
+    """One line chart per panel (value against step), stacked vertically; each panel's series share
+    its axes (training and validation of one quantity together), in colours named in a legend. A
+    panel whose title contains one of ``log_scale`` has a log-scale value axis (losses); a series
+    of a single point is drawn as a dot."""
+    width, height = size
+    titles = [t for t, series in panels.items() if any(series.values())]
+    canvas = Image.new("RGB", (width, max(1, len(titles)) * height), "white")
+    draw = ImageDraw.Draw(canvas)
+    for row, title in enumerate(titles):
+        series = {name: points for name, points in panels[title].items() if points}
+        log = any(word in title for word in log_scale) and all(v > 0 for pts in series.values() for _, v in pts)
+        _draw_panel(draw, row * height, width, height, title, series, log)
+    return canvas
+
+
+def _draw_panel(draw: ImageDraw.ImageDraw, top: int, width: int, height: int, title: str,
+                series: dict[str, Series], log: bool) -> None:
+    y_of = (lambda v: math.log10(v)) if log else (lambda v: v)
+    steps = [s for pts in series.values() for s, _ in pts]
+    values = [y_of(v) for pts in series.values() for _, v in pts]
+    top, left, plot_w, plot_h = top + 24, 60, width - 80, height - 56
+    lo, hi = min(values), max(values)
+    hi = hi if hi > lo else lo + 1
+    s0, s1 = min(steps), max(steps) if max(steps) > min(steps) else min(steps) + 1
+
+    def xy(step: int, value: float) -> tuple[float, float]:
+        return left + (step - s0) / (s1 - s0) * plot_w, top + plot_h - (y_of(value) - lo) / (hi - lo) * plot_h
+
+    draw.rectangle([left, top, left + plot_w, top + plot_h], outline=(160, 160, 160))
+    legend = []
+    for colour, (name, points) in zip(COLOURS * 4, series.items()):
+        coords = [xy(s, v) for s, v in points]
+        if len(coords) == 1:
+            (x, y), r = coords[0], 3
+            draw.ellipse([x - r, y - r, x + r, y + r], fill=colour)
+        else:
+            draw.line(coords, fill=colour, width=2)
+        legend.append((f"{name} (last {points[-1][1]:.4g})", colour))
+    draw.text((left, top - 18), title + ("  [log scale]" if log else ""), fill="black")
+    x = left + plot_w
+    for text, colour in reversed(legend):
+        x -= 7 * len(text) + 16
+        draw.rectangle([x, top - 14, x + 8, top - 6], fill=colour)
+        draw.text((x + 12, top - 18), text, fill="black")
+    shown = (lambda v: 10**v) if log else (lambda v: v)
+    draw.text((4, top), f"{shown(hi):.3g}", fill="black")
+    draw.text((4, top + plot_h - 10), f"{shown(lo):.3g}", fill="black")
+    draw.text((left, top + plot_h + 4), f"step {s0}", fill="black")
+    draw.text((left + plot_w - 60, top + plot_h + 4), f"step {s1}", fill="black")
 
 
 def stack_panels(panels: list[tuple[str, Image.Image]], width: int = 800) -> Image.Image:

@@ -34,6 +34,7 @@ from vqgen.manifest import (
 )
 from vqgen.runlock import RunLock
 from vqgen.stage import Stage, section
+from vqgen.tracking import require_tracker
 from vqgen.train import make_accelerator
 from vqgen.utils import atomic_write_text
 
@@ -193,6 +194,7 @@ def _open_run(cfg: PipelineConfig) -> tuple[RunLock, bool]:
 def preflight(cfg: PipelineConfig, stages: tuple[Stage, ...]) -> tuple[Stage, ...]:
     """The stages of ``stages`` that will run, after checking that each can get what it needs
     (:attr:`Stage.preflight`); a switched-off stage is named now, not after days of training."""
+    require_tracker(cfg.run.tracker)  # Accelerate would drop a tracker whose package is missing, silently
     state = process_state()
     enabled = []
     for stage in stages:
@@ -229,6 +231,7 @@ def run_single_stage(cfg: PipelineConfig, name: str) -> dict | None:
     if name not in stages:
         raise ConfigError("stage", f"unknown stage {name!r} (stages: {', '.join(stages)})")
     stage = stages[name]
+    require_tracker(cfg.run.tracker)
     if stage.preflight is not None:  # `vqgen stage` runs the stage it names, even one switched off
         stage.preflight(stage_sections(cfg, stage))
     lock, writable = _open_run(cfg)

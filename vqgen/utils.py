@@ -7,8 +7,9 @@ import hashlib
 import json
 import os
 import re
+import secrets
 import shutil
-import tempfile
+import stat
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -97,22 +98,58 @@ def storage_errors(path: str | os.PathLike, what: str, cleanup: Callable[[], Non
         raise StorageError(_storage_message(fault, Path(path), what, err)) from err
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a reader sees either the old file or the whole new one.
+def _new_temp_file(path: Path) -> Path:
+    """An empty new file beside ``path`` (same filesystem, so the rename is atomic).
 
-    The bytes go to a temporary file in the same directory, are fsynced, then renamed over ``path``
-    (rename is atomic within one filesystem).
+    Created with mode 0o666, which the kernel masks with the umask exactly as for ``open()``:
+    ``tempfile.mkstemp``'s 0o600 would make every output readable by its owner only, and runs
+    are often shared by a team.
+    """
+    while True:
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:  # another writer's temporary file: draw another name
+            continue
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_replace(path: str | os.PathLike, what: str | None = None) -> Iterator[Path]:
+    """A temporary path beside ``path`` for the block to write (by name, with any writer); when the
+    block ends it is fsynced and renamed over ``path``, so a reader sees either the old file or the
+    whole new one. The file gets ``0o666 & ~umask``, as a plain ``open()`` would give it.
+
+    If the block fails the temporary file is removed; a full, read-only or forbidden disk is a
+    :class:`StorageError` naming ``what`` (default: the path).
     """
     path = Path(path)
-    with storage_errors(path, str(path)):
+    what = what or str(path)
+    with storage_errors(path, what):
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with storage_errors(path, str(path), cleanup=lambda: Path(tmp).unlink(missing_ok=True)):
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        tmp = _new_temp_file(path)
+        mode = stat.S_IMODE(tmp.stat().st_mode)  # the kernel's 0o666 & ~umask, without reading the umask
+    with storage_errors(path, what, cleanup=lambda: tmp.unlink(missing_ok=True)):
+        yield tmp
+        # Some writers replace the file rather than write into it (safetensors' save_file renames its
+        # own 0o600 temporary file over the name it is given): put the mode back.
+        os.chmod(tmp, mode)
+        _fsync(tmp)  # before the rename: a crash must not leave an empty file under the real name
         os.replace(tmp, path)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (see :func:`atomic_replace`)."""
+    with atomic_replace(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -265,6 +265,22 @@ def load_idx_split(root: Path, class_name: str, split: Split) -> tuple[np.ndarra
 _TORCHVISION_CLASSES = {"cifar10": "CIFAR10", "mnist": "MNIST", "fashion_mnist": "FashionMNIST"}
 
 
+def _download_failed(dataset_cls: type, root: Path, err: BaseException) -> DataError:
+    """What to do when torchvision could not fetch ``dataset_cls``: from where it tried, and which
+    files to copy into ``root`` by hand (torchvision checks files that are present and fetches no
+    more, so ``data.download`` can stay true)."""
+    if hasattr(dataset_cls, "url"):  # CIFAR: one archive, extracted by torchvision
+        sources = [dataset_cls.url]
+        files = (f"{root / dataset_cls.filename} (torchvision extracts it), or the extracted "
+                 f"{root / dataset_cls.base_folder}/")
+    else:  # MNIST kinds: four idx files on one of several mirrors
+        sources = list(dataset_cls.mirrors)
+        names = [name for name, _ in dataset_cls.resources]
+        files = f"{', '.join(names)} in {root / dataset_cls.__name__ / 'raw'}"
+    return DataError(f"torchvision could not download {dataset_cls.__name__} from {' or '.join(sources)} "
+                     f"({err}); without network access, fetch it elsewhere and put {files}")
+
+
 def torchvision_source(cfg: DataConfig, split: Split) -> ArraySource:
     """CIFAR-10 / MNIST / Fashion-MNIST through torchvision, with a raw-idx fallback for MNIST kinds."""
     import torchvision.datasets
@@ -275,18 +291,20 @@ def torchvision_source(cfg: DataConfig, split: Split) -> ArraySource:
     try:
         dataset = dataset_cls(str(root), train=split == "train", download=cfg.download)
     except (RuntimeError, OSError) as err:
-        if cfg.kind == "cifar10":
-            raise DataError(
-                f"CIFAR-10 not found under {root} (looked for {root / 'cifar-10-batches-py'}): {err}; "
-                "set data.download = true to let torchvision fetch it"
-            ) from err
-        try:
-            images, labels = load_idx_split(root, class_name, split)
-        except DataError as missing:
-            if cfg.download:  # the download itself failed; say so rather than suggest it
-                raise DataError(f"torchvision could not download {class_name} into {root}: {err}") from err
-            raise missing from None
-        return ArraySource(images, labels, 10, tuple(dataset_cls.classes))
+        if cfg.kind != "cifar10":
+            try:  # raw idx files, which torchvision refuses without downloading
+                images, labels = load_idx_split(root, class_name, split)
+            except DataError as missing:
+                if not cfg.download:
+                    raise missing from None
+            else:
+                return ArraySource(images, labels, 10, tuple(dataset_cls.classes))
+        if cfg.download:  # the download itself failed (no network?): suggesting it would not help
+            raise _download_failed(dataset_cls, root, err) from err
+        raise DataError(
+            f"CIFAR-10 not found under {root} (looked for {root / 'cifar-10-batches-py'}): {err}; "
+            "set data.download = true to let torchvision fetch it"
+        ) from err
     images = dataset.data.numpy() if torch.is_tensor(dataset.data) else np.asarray(dataset.data)
     labels = np.asarray(dataset.targets, dtype=np.int64)
     return ArraySource(images, labels, len(dataset.classes), tuple(dataset.classes))

@@ -1,4 +1,5 @@
-"""Evaluation metrics: FID with cached reference statistics, PSNR, bits per dimension, codebook usage.
+"""Evaluation metrics: FID, KID, Inception Score, precision/recall from one pass of Inception
+features (with cached reference features), PSNR, bits per dimension, codebook usage.
 
 Importing this package does not build the Inception network; :class:`InceptionFeatures` does.
 """
@@ -24,9 +25,17 @@ from vqgen.metrics.fid import (
     stats_from_features,
     stats_from_images,
 )
-from vqgen.metrics.image import bits_per_dim, codebook_usage, psnr
+from vqgen.metrics.image import bits_per_dim, codebook_usage, perplexity, psnr
+from vqgen.metrics.inception_weights import check_inception_weights
+from vqgen.metrics.sample_metrics import FeatureSet, SampleMetrics, compute_sample_metrics, extract_feature_set
 
 __all__ = [
+    "FeatureSet",
+    "SampleMetrics",
+    "check_inception_weights",
+    "compute_sample_metrics",
+    "extract_feature_set",
+    "perplexity",
     "FEATURE_DIM",
     "INCEPTION_CONFIG_KEY",
     "INCEPTION_FILENAME",

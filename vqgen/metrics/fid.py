@@ -19,7 +19,7 @@ import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -28,7 +28,7 @@ from safetensors.torch import save as safetensors_save
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from vqgen.errors import CheckpointError, DataError
+from vqgen.errors import CheckpointError, ConfigError, DataError
 # The weights concept lives in inception_weights; its public names stay importable from here.
 from vqgen.metrics.inception_weights import (  # noqa: F401
     FEATURE_DIM,
@@ -58,14 +58,22 @@ FeatureExtractor = Callable[[Tensor], Tensor]
 # The network (its weights: finding, fetching, checking: vqgen.metrics.inception_weights)
 
 
+Resize = Literal["torch", "tf1"]
+RESIZE_CONVENTIONS: dict[str, str] = {
+    "torch": "bilinear to 299x299, PyTorch's half-pixel centres (pytorch-fid, torchmetrics)",
+    "tf1": "bilinear to 299x299, TensorFlow 1's corner-aligned grid (the original TF FID code, torch-fidelity)",
+}
+
+
 class InceptionFeatures(nn.Module):
     """2048-d pool features of the FID Inception network for uint8 images, and its 1008 class
     logits from the same forward when the weights hold ``fc`` (:meth:`features_and_logits`).
 
     ``weights``: a weights file, or ``None`` for the torch hub cache (see
     :func:`resolve_inception_weights`). Input: uint8 ``[N, 3, H, W]`` or grey ``[N, 1, H, W]``
-    (repeated to RGB) of any size; torchmetrics resizes to 299x299 (bilinear, antialiased) and scales
-    to [-1, 1). Output: float32 ``[N, 2048]`` on the module's device.
+    (repeated to RGB) of any size, resized to 299x299 by the ``resize`` convention
+    (:data:`RESIZE_CONVENTIONS`) and scaled to [-1, 1). Output: float32 ``[N, 2048]`` on the
+    module's device. ``url``/``download``: see :func:`resolve_inception_weights`.
 
     The resize is PyTorch's half-pixel-centred bilinear; torch-fidelity's own extractor uses
     TensorFlow 1's (no half-pixel offset), which shifts a 32-px image by about half a source pixel
@@ -78,14 +86,18 @@ class InceptionFeatures(nn.Module):
     # original TF Inception Score code.
     LOGITS_LAYER = "logits_unbiased"
 
-    def __init__(self, weights: str | os.PathLike | None = None, device: str | torch.device = "cpu"):
+    def __init__(self, weights: str | os.PathLike | None = None, device: str | torch.device = "cpu", *,
+                 resize: Resize = "torch", url: str | None = None, download: bool = True):
         super().__init__()
-        self.weights_path = resolve_inception_weights(weights)
+        if resize not in RESIZE_CONVENTIONS:
+            raise ConfigError("resize", f"must be one of {list(RESIZE_CONVENTIONS)}, got {resize!r}")
+        self.resize: Resize = resize
+        self.weights_path = resolve_inception_weights(weights, url=url, download=download)
         self.weights_sha256 = sha256_file(self.weights_path)  # part of every reference-stats key
         state = _read_inception_state_dict(self.weights_path)
         # The network's strict load first: it names a tensor of the wrong shape, where the
         # values check could only say that the weights differ.
-        self.net = _build_inception_network(state, self.weights_path)
+        self.net = _build_inception_network(state, self.weights_path, resize)
         _check_inception_values(self.weights_path, state, self.weights_sha256)
         # FID-only files (no fc) are accepted; they give no logits, so no Inception Score.
         self.logits_unavailable = "" if "fc.weight" in state else (
@@ -247,11 +259,6 @@ class FeatureMoments:
         mean_b = x.mean(dim=0)
         centred = x - mean_b
         self._merge(n_b, mean_b, centred.T @ centred)
-
-    def merge(self, other: FeatureMoments) -> None:
-        """Fold in moments gathered elsewhere (another process or shard)."""
-        if other.count:
-            self._merge(other.count, other.mean, other.scatter)
 
     def _merge(self, n_b: int, mean_b: Tensor, scatter_b: Tensor) -> None:
         n_a, total = self.count, self.count + n_b

@@ -246,10 +246,10 @@ def _download_verified(url: str, destination: Path, prefix: str) -> None:
 def _new_temp_file(destination: Path) -> Path:
     """An empty file beside ``destination`` (same filesystem, so ``os.replace`` is atomic).
 
-    Created 0644 less the umask, unlike ``tempfile.mkstemp``'s 0600: the cache is often shared.
+    Created 0666 less the umask (as a plain ``open()``), unlike ``tempfile.mkstemp``'s 0600: the cache is often shared.
     """
     tmp = destination.with_name(f".{destination.name}.{os.getpid()}.{secrets.token_hex(4)}.part")
-    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     return tmp
 
 
@@ -367,7 +367,7 @@ def _check_inception_layout(path: Path, state: dict[str, Tensor]) -> None:
 # The network from checked tensors
 
 
-def _build_inception_network(state: dict[str, Tensor], source: Path) -> nn.Module:
+def _build_inception_network(state: dict[str, Tensor], source: Path, resize: str = "torch") -> nn.Module:
     """torchmetrics' NoTrainInceptionV3 holding ``state``, returning 2048-d pool features.
 
     torchmetrics (through torch-fidelity) only takes weights as a file path, loads it strictly and
@@ -394,6 +394,7 @@ def _build_inception_network(state: dict[str, Tensor], source: Path) -> nn.Modul
                 name="inception-v3-compat",
                 features_list=[str(FEATURE_DIM)],
                 feature_extractor_weights_path=str(tmp_path),
+                antialias=resize == "torch",  # False: TensorFlow 1's bilinear resize
             )
         except RuntimeError as err:  # strict load_state_dict: missing/unexpected keys, bad shapes
             detail = " ".join(str(err).split())  # torch's message spans lines; keep it on one

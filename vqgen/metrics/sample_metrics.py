@@ -212,7 +212,7 @@ def cached_reference_features(
     are rewritten; the rewritten file still serves :func:`~vqgen.metrics.fid.cached_reference_stats`.
     """
     cache_path = Path(cache_path)
-    cached = _usable_cache(cache_path, key, need_labels)
+    cached = usable_reference_cache(cache_path, key, need_labels)
     if cached is not None:
         return FeatureSet.from_stats(cached)
     features = extract_feature_set(make_images(), extractor, batch_size=batch_size, progress=progress)
@@ -223,7 +223,9 @@ def cached_reference_features(
     return FeatureSet.from_stats(stats)
 
 
-def _usable_cache(path: Path, key: str, need_labels: bool) -> FeatureStats | None:
+def usable_reference_cache(path: Path, key: str, need_labels: bool) -> FeatureStats | None:
+    """The cached reference of ``path`` if it was made for ``key`` and holds the features (and
+    labels, with ``need_labels``); None otherwise (missing, unreadable, FID-only or other key)."""
     if not path.is_file():
         return None
     try:

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from vqgen.configtools import from_dict
 from vqgen.errors import CheckpointError, ConfigError
-from vqgen.utils import atomic_write_json, sha256_file, storage_errors
+from vqgen.utils import atomic_replace, atomic_write_json, sha256_file, storage_errors
 
 FORMAT = "vqgen-model"
 FORMAT_VERSION = 2
@@ -48,10 +48,9 @@ def save_weights(model: torch.nn.Module, path: Path, what: str) -> None:
     (a reader sees the old file or the whole new one); a full or read-only disk is a StorageError
     naming ``what``."""
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    tmp = path.with_name(f".{path.name}.tmp")
-    with storage_errors(path, what, cleanup=lambda: tmp.unlink(missing_ok=True)):
+    # save_file writes by name: no second in-memory copy of a large model's bytes.
+    with atomic_replace(path, what) as tmp:
         save_file(state, str(tmp))
-        tmp.replace(path)
 
 
 def export_model(model: torch.nn.Module, directory: Path, name: str = "model") -> str:
@@ -88,17 +87,23 @@ def read_export_info(directory: Path, name: str = "model") -> dict:
     return info
 
 
-def load_model(directory: Path, name: str = "model", device: str | torch.device = "cpu", verify: bool = True):
-    """Rebuild a model from its export. Returns ``(model in eval mode, config, sha256)``."""
-    info = read_export_info(directory, name)
+def load_model(directory: Path, name: str = "model", device: str | torch.device = "cpu", verify: bool = True,
+               *, json_name: str | None = None):
+    """Rebuild a model from its export: ``NAME.json`` beside ``NAME.safetensors`` (``json_name``:
+    another JSON file name, e.g. the Hub's ``config.json``). Returns ``(model in eval mode, config,
+    sha256)``."""
+    json_stem = json_name.removesuffix(".json") if json_name else name
+    info = read_export_info(directory, json_stem)
+    config_path = directory / f"{json_stem}.json"
     module, model_cls, arg_classes = _classes(info.get("class"))
-    args = _constructor_args(info, module, arg_classes, directory / f"{name}.json")
+    args = _constructor_args(info, module, arg_classes, config_path)
     weights = directory / f"{name}.safetensors"
     if not weights.exists():
         raise CheckpointError(f"{weights} is missing (its JSON is there): re-run the stage that exports it")
     checksum = sha256_file(weights)
     if verify and checksum != info["sha256"]:
-        raise CheckpointError(f"{weights} does not match the checksum in {name}.json: the file is damaged or was replaced")
+        raise CheckpointError(f"{weights} does not match the sha256 in {config_path.name}: the file is truncated, "
+                              "damaged or was replaced")
     try:
         state = load_file(str(weights))  # on the CPU; the model moves as a whole below
     except (SafetensorError, OSError, ValueError) as err:
@@ -107,7 +112,7 @@ def load_model(directory: Path, name: str = "model", device: str | torch.device 
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        raise CheckpointError(f"{weights} does not fit the architecture in {name}.json: {err}") from None
+        raise CheckpointError(f"{weights} does not fit the architecture in {config_path.name}: {err}") from None
     return model.to(device).eval(), model.config, checksum
 
 

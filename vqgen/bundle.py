@@ -1,0 +1,267 @@
+"""Where a trained generator's three models come from: a run folder, a model bundle, or a Hub repo.
+
+A bundle is the three exports of a run in one folder (``vqgen export RUN OUT``), laid out as a
+Hugging Face Hub model repository, so it can be pushed as it is::
+
+    BUNDLE/
+      config.json     format "vqgen-bundle": image size, channels, normalisation, class names,
+                      each component's class and sha256
+      README.md       model card: data, training steps, metrics (RUN/eval/metrics.json)
+      vqvae/          config.json (the model export's JSON) + model.safetensors
+      prior-top/      the same
+      prior-bottom/   the same
+
+Loading reads JSON and safetensors only: nothing in the files is executed or unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from functools import cached_property, partial
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from vqgen.errors import CheckpointError, VQGenError
+from vqgen.models.export import load_model, read_export_info
+from vqgen.utils import atomic_write_json, atomic_write_text, storage_errors
+
+COMPONENTS = ("vqvae", "prior-top", "prior-bottom")
+FORMAT = "vqgen-bundle"
+FORMAT_VERSION = 1
+NORMALIZATION = {"range": [-1.0, 1.0], "from_uint8": "x / 127.5 - 1", "to_uint8": "round((x + 1) / 2 * 255)"}
+# Only what a bundle holds: a Hub repository may also carry pickled checkpoints, never fetched.
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.md"]
+
+
+@dataclass
+class ModelInfo:
+    """Where a generator's models were loaded from, and what they were trained on."""
+
+    source: str
+    """The run folder, bundle folder or Hub repo id given to ``from_pretrained``."""
+    sha256: dict[str, str] = field(default_factory=dict)
+    """Each component's weights checksum."""
+    read_class_names: Callable[[], tuple[str, ...]] = tuple
+    """Reads the class names when first asked for (a run folder's come from its dataset)."""
+
+    @cached_property
+    def class_names(self) -> tuple[str, ...]:
+        return tuple(self.read_class_names())
+
+
+def resolve(path: str | Path) -> Path:
+    """A local folder as it is; otherwise a Hub repo id, downloaded (when ``huggingface_hub`` is
+    installed) into the Hub cache, bundle files only."""
+    local = Path(path)
+    if local.is_dir():
+        return local
+    if str(path).count("/") == 1 and not str(path).startswith((".", "~", "/")):
+        try:
+            from huggingface_hub import snapshot_download
+        except ImportError:
+            raise CheckpointError(f"{path}: no such folder (and huggingface_hub, which would fetch a Hub "
+                                  "repo of that name, is not installed)") from None
+        try:
+            return Path(snapshot_download(repo_id=str(path), allow_patterns=HUB_PATTERNS))
+        except Exception as err:  # the hub's errors have no common base below Exception
+            raise CheckpointError(f"{path}: no such folder, and no Hub repo of that name could be "
+                                  f"fetched ({type(err).__name__}: {err})") from None
+    raise CheckpointError(f"{path}: no such folder (a run folder, a bundle from `vqgen export`, or a Hub repo id)")
+
+
+def is_bundle(root: Path) -> bool:
+    try:
+        return json.loads((root / "config.json").read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def load_components(path: str | Path, device: str | torch.device = "cpu"):
+    """``(vqvae, prior_top, prior_bottom, ModelInfo)`` of a run folder, a bundle or a Hub repo id.
+
+    The models are checked against each other (codebook sizes, code map shapes): a component from
+    another run is a :class:`CheckpointError` naming it, as are a missing component and weights that
+    do not match their recorded checksum (a truncated or replaced file).
+    """
+    root = resolve(path)
+    if (root / "vqvae" / "model.json").exists():
+        models, checksums = _load_checked(_load_run_component, root, device)
+        names = partial(run_class_names, root)
+    elif is_bundle(root):
+        models, checksums = _load_checked(_load_bundle_component, root, device)
+        meta = json.loads((root / "config.json").read_text())
+        _check_bundle_config(meta, *models[:2], root)
+        names = partial(tuple, meta.get("class_names", ()))
+    else:
+        raise CheckpointError(f"{root}: neither a run folder (no vqvae/model.json) nor a model bundle "
+                              f"(no config.json of format {FORMAT!r}; make one with `vqgen export RUN OUT`)")
+    return (*models, ModelInfo(str(path), checksums, names))
+
+
+def _load_checked(load: Callable, root: Path, device) -> tuple[list[torch.nn.Module], dict[str, str]]:
+    """The three components by ``load(root, component, device) -> (model, sha256)``, checked to
+    belong together; returns ``([vqvae, prior_top, prior_bottom], {component: sha256})``."""
+    loaded = [load(root, c, device) for c in COMPONENTS]
+    models = [model for model, _ in loaded]
+    check_compatible(*models, root)
+    return models, {c: checksum for c, (_, checksum) in zip(COMPONENTS, loaded)}
+
+
+def _load_run_component(root: Path, component: str, device) -> tuple[torch.nn.Module, str]:
+    model, _, checksum = load_model(root / component, device=device)
+    return model, checksum
+
+
+def _load_bundle_component(root: Path, component: str, device) -> tuple[torch.nn.Module, str]:
+    """``(model in eval mode, sha256)`` of ``root/component``: its ``config.json`` (a model export's
+    JSON, the Hub's name for it) and ``model.safetensors``."""
+    folder = root / component
+    for needed in (folder / "config.json", folder / "model.safetensors"):
+        if not needed.is_file():
+            raise CheckpointError(f"bundle {root}: component {component!r} is missing ({needed} not found)")
+    model, _, checksum = load_model(folder, device=device, json_name="config.json")
+    return model, checksum
+
+
+def check_compatible(vqvae, prior_top, prior_bottom, where: Path) -> None:
+    """A CheckpointError naming the component that does not fit the VQ-VAE's codebooks and code maps."""
+    cfg, top, bottom = vqvae.config, prior_top.layout, prior_bottom.layout
+    top_codes, bottom_codes = cfg.level_num_codes("top"), cfg.level_num_codes("bottom")
+    problems = [
+        f"prior-top has a codebook size of {top.num_codes}, the VQ-VAE's top codebook {top_codes}"
+        * (top.num_codes != top_codes),
+        f"prior-bottom has a codebook size of {bottom.num_codes}, the VQ-VAE's bottom codebook {bottom_codes}"
+        * (bottom.num_codes != bottom_codes),
+        f"prior-bottom is conditioned on {bottom.condition_num_codes} top codes, the VQ-VAE's top codebook "
+        f"has {top_codes}" * (bottom.condition_num_codes != top_codes),
+        f"prior-bottom's code map {list(bottom.shape)} is not twice prior-top's {list(top.shape)}"
+        * (tuple(bottom.shape) != tuple(2 * s for s in top.shape) or tuple(bottom.condition_shape) != tuple(top.shape)),
+        f"prior-bottom has {bottom.num_classes} classes, prior-top {top.num_classes}"
+        * (bool(bottom.num_classes) and bottom.num_classes != top.num_classes),
+    ]
+    problems = [p for p in problems if p]
+    if problems:
+        raise CheckpointError(f"{where}: the models do not belong together (mismatched codebook sizes or "
+                              f"shapes): {'; '.join(problems)}")
+
+
+def _check_bundle_config(meta: dict, vqvae, prior_top, root: Path) -> None:
+    """The top-level config.json describes these models (it is what users read the images by)."""
+    expected = describe(vqvae, prior_top)
+    for key in ("image_size", "channels", "num_classes"):
+        if meta.get(key) != expected[key]:
+            raise CheckpointError(f"{root / 'config.json'}: {key} is {meta.get(key)!r}, but the models have {expected[key]!r}")
+    names = meta.get("class_names", [])
+    if names and len(names) != expected["num_classes"]:
+        raise CheckpointError(f"{root / 'config.json'}: {len(names)} class_names for {expected['num_classes']} classes")
+
+
+def run_class_names(run_dir: Path) -> tuple[str, ...]:
+    """The class names of a run's dataset (from its ``config.toml``); empty when it has none or
+    cannot be opened here."""
+    from vqgen.config import load_config
+    from vqgen.data.datasets import build_source
+
+    try:
+        data = load_config(run_dir / "config.toml").data
+        return tuple(build_source(data, "train").class_names)
+    except (VQGenError, OSError):
+        return ()
+
+
+# ----------------------------------------------------------------------------------------------
+# Export
+
+
+def export_bundle(run_dir: Path, out: Path) -> Path:
+    """Write the bundle of ``run_dir`` to ``out`` (a new or empty folder, or an older bundle, which
+    is replaced); the bundle is built beside ``out`` and renamed into place."""
+    vqvae, top, bottom, info = load_components(run_dir)
+    if not (run_dir / "vqvae" / "model.json").exists():
+        raise CheckpointError(f"{run_dir}: export takes a run folder (this is already a bundle)")
+    if out.exists() and any(out.iterdir()) and not is_bundle(out):
+        raise VQGenError(f"{out}: a non-empty folder that is not a model bundle: export into a new folder")
+    with storage_errors(out, f"bundle {out}"):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+        staging.chmod(0o777 & ~_umask())  # mkdtemp's 0o700 would hide the bundle from colleagues
+    with storage_errors(out, f"bundle {out}", cleanup=lambda: shutil.rmtree(staging, ignore_errors=True)):
+        for component in COMPONENTS:
+            (staging / component).mkdir()
+            shutil.copyfile(run_dir / component / "model.safetensors", staging / component / "model.safetensors")
+            atomic_write_json(staging / component / "config.json", read_export_info(run_dir / component))
+        meta = bundle_config(vqvae, top, info)
+        atomic_write_json(staging / "config.json", meta)
+        atomic_write_text(staging / "README.md", model_card(run_dir, meta, (vqvae, top, bottom)))
+        if out.exists():
+            shutil.rmtree(out)
+        staging.replace(out)
+    return out
+
+
+def describe(vqvae, prior_top) -> dict:
+    """What the models make: image size, channels, pixel range, number of classes."""
+    return {"image_size": 8 * prior_top.layout.shape[0], "channels": vqvae.config.in_channels,
+            "normalization": NORMALIZATION, "num_classes": prior_top.layout.num_classes}
+
+
+def bundle_config(vqvae, prior_top, info: ModelInfo) -> dict:
+    """The bundle's top-level ``config.json``: what a user needs to read its images."""
+    names = info.class_names if len(info.class_names) == prior_top.layout.num_classes else ()
+    return {"format": FORMAT, "version": FORMAT_VERSION, "library_name": "vqgen", **describe(vqvae, prior_top),
+            "class_names": list(names), "components": {c: {"path": c, "sha256": info.sha256[c]} for c in COMPONENTS}}
+
+
+def model_card(run_dir: Path, meta: dict, models) -> str:
+    """A Hub model card: data, training steps and parameters, metrics when the run evaluated."""
+    from vqgen.config import load_config
+
+    cfg = load_config(run_dir / "config.toml")
+    data = cfg.data
+    steps = {"vqvae": cfg.vqvae.train.steps, "prior-top": cfg.prior.top.train.steps,
+             "prior-bottom": cfg.prior.bottom.train.steps}
+    classes = ", ".join(meta["class_names"]) or (f"{meta['num_classes']} (unnamed)" if meta["num_classes"] else "none")
+    lines = [
+        "---", "library_name: vqgen", "tags: [image-generation, vq-vae-2, pixelcnn]", "---", "",
+        f"# {cfg.run.name}: VQ-VAE-2 with gated PixelCNN priors", "",
+        f"Generates {meta['image_size']}x{meta['image_size']} images with {meta['channels']} channel(s), "
+        f"pixels in [-1, 1] (uint8 out of `sample`). Classes: {classes}.", "",
+        "## Data", "",
+        f"`data.kind = {data.kind!r}`" + (f", root `{Path(data.root).name}`" if data.root else "")
+        + f", image size {data.image_size}, {data.channels} channel(s)"
+        + (f", first {data.num_train} training images" if data.num_train else "") + ".", "",
+        "## Training", "",
+        "| component | steps | parameters | sha256 |", "|---|---|---|---|",
+        *(f"| {c} | {steps[c]} | {sum(p.numel() for p in m.parameters()):,} | `{meta['components'][c]['sha256'][:16]}` |"
+          for c, m in zip(COMPONENTS, models)),
+        "", *_metrics_lines(run_dir / "eval" / "metrics.json"),
+        "## Use", "", "```python", "from vqgen import VQGen", "",
+        'gen = VQGen.from_pretrained("PATH_OR_REPO_ID")',
+        "images, labels = gen.sample(16, seed=0)  # uint8 [16, C, H, W]", "```", "",
+        "or `vqgen sample PATH_OR_REPO_ID --num 1000 --out samples/`.", "",
+    ]
+    return "\n".join(lines)
+
+
+def _metrics_lines(path: Path) -> list[str]:
+    try:
+        metrics = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []
+    scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    rows = [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in sorted(scalars.items())]
+    return ["## Metrics", "", "From the run's evaluation (`eval/metrics.json`).", "",
+            "| metric | value |", "|---|---|", *rows, ""]
+
+
+def _umask() -> int:
+    """The process's umask (reading it means setting it: set it straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

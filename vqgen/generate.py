@@ -1,0 +1,375 @@
+"""A trained generator: the VQ-VAE-2 and its two priors, drawing images batch by batch.
+
+:meth:`VQGen.draw_batch` is the one place a batch is drawn: the pipeline's sample stage,
+:meth:`VQGen.sample` and ``vqgen sample`` all call it, so the same models, seed and settings give
+the same images everywhere. Batch ``b`` of a :class:`SamplePlan` draws from its own CPU generator
+seeded from ``(seed, b)``, so its images depend neither on the device nor on which process draws it.
+
+Long runs go through :func:`write_parts` (each finished batch saved at once as
+``parts/batch-NNNNNN.npz``: memory is bounded by a batch, and an interrupted run resumes at the next
+unfinished batch) and :func:`finish_parts` (the parts streamed into one ``samples.npz``, and a grid
+of the first images). :func:`sample_to_folder` is ``vqgen sample``: those two, one PNG per image,
+and a manifest.
+
+    >>> gen = VQGen.from_pretrained("runs/demo")          # or a bundle folder, or a Hub repo id
+    >>> images, labels = gen.sample(16, labels=["circle", "ring"], seed=0)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from tqdm.auto import tqdm
+
+from vqgen.bundle import COMPONENTS, ModelInfo, load_components
+from vqgen.data.datasets import to_uint8
+from vqgen.data.samples import concatenate_samples, first_images, save_samples
+from vqgen.distributed import on_main_process, process_state, shard_indices
+from vqgen.errors import ConfigError, DataError, VQGenError
+from vqgen.sampling import SamplerConfig, sample
+from vqgen.utils import atomic_write_json, read_json
+
+SEED_STRIDE = 1_000_003
+"""Batch ``b`` of seed ``s`` draws from a generator seeded ``s * SEED_STRIDE + b``."""
+
+
+class Samples(NamedTuple):
+    images: torch.Tensor
+    """uint8 ``[N, C, H, W]`` on the CPU."""
+    labels: torch.Tensor
+    """int64 ``[N]``: each image's class, -1 when the priors are unconditional."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class SamplePlan:
+    """What fixes the images of a sampling run: with the same models, the same plan gives the same
+    images, in whatever batches of processes they are drawn."""
+
+    num_samples: int
+    batch_size: int = 32
+    seed: int = 0
+    top: SamplerConfig = field(default_factory=SamplerConfig)
+    bottom: SamplerConfig = field(default_factory=SamplerConfig)
+    labels: tuple[int, ...] = ()
+    """Sample ``i`` gets ``labels[i % len(labels)]``; empty: each batch draws its labels uniformly
+    (class-conditional priors; unconditional ones take no labels)."""
+
+    def __post_init__(self) -> None:
+        for name in ("num_samples", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def num_batches(self) -> int:
+        return -(-self.num_samples // self.batch_size)
+
+    def batch_indices(self, batch: int) -> range:
+        """The global indices of batch ``batch``'s samples."""
+        return range(batch * self.batch_size, min((batch + 1) * self.batch_size, self.num_samples))
+
+    def generator(self, batch: int) -> torch.Generator:
+        # On the CPU: every random number is drawn there and moved, so a seed gives the same
+        # samples on any device.
+        return torch.Generator(device="cpu").manual_seed(self.seed * SEED_STRIDE + batch)
+
+    def settings(self) -> dict:
+        """The plan as plain JSON data (manifests, resume checks)."""
+        return {**asdict(self), "labels": list(self.labels)}
+
+
+class VQGen:
+    """A trained VQ-VAE-2 with its top and bottom priors.
+
+    Args:
+        bf16: run the VQ-VAE (decoding, encoding) under bf16 autocast where the device supports it.
+            The priors stay in float32: the cached sampler's caches are float32 buffers.
+        cached: sample with activation caches (False: full recomputation, the slow reference).
+        cuda_graphs: replay each cached sampling step as a CUDA graph (on a GPU; same codes).
+    """
+
+    def __init__(self, vqvae, prior_top, prior_bottom, *, info: ModelInfo | None = None, bf16: bool = False,
+                 cached: bool = True, cuda_graphs: bool = False):
+        self.vqvae, self.prior_top, self.prior_bottom = vqvae.eval(), prior_top.eval(), prior_bottom.eval()
+        self.info = info or ModelInfo("")
+        self.bf16, self.cached, self.cuda_graphs = bf16, cached, cuda_graphs
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, device: str | torch.device = "cpu", bf16: bool = False,
+                        cached: bool = True, cuda_graphs: bool = False) -> VQGen:
+        """Load a run folder (``RUN/vqvae``, ``RUN/prior-top``, ``RUN/prior-bottom``), a bundle from
+        ``vqgen export``, or a Hub repo id of one; the options are the constructor's."""
+        vqvae, top, bottom, info = load_components(path, device=device)
+        return cls(vqvae, top, bottom, info=info, bf16=bf16, cached=cached, cuda_graphs=cuda_graphs)
+
+    def to(self, device: str | torch.device) -> VQGen:
+        for model in (self.vqvae, self.prior_top, self.prior_bottom):
+            model.to(device)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.prior_top.embed.weight.device
+
+    @property
+    def num_classes(self) -> int:
+        return self.prior_top.layout.num_classes
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        """The classes' names, when the model's data has them (empty otherwise)."""
+        names = self.info.class_names
+        return names if len(names) == self.num_classes else ()
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` of the images."""
+        side = 8 * self.prior_top.layout.shape[0]
+        return self.vqvae.config.in_channels, side, side
+
+    def class_labels(self, labels: int | str | Sequence[int | str] | None) -> tuple[int, ...]:
+        """Class indices of ``labels`` (indices or class names); a ConfigError for a label
+        outside the classes, an unknown name, or labels for unconditional priors."""
+        if labels is None:
+            return ()
+        items = [labels] if isinstance(labels, (int, str)) else list(labels)
+        if items and not self.num_classes:
+            raise ConfigError("labels", "these priors are unconditional: they take no class labels")
+        return tuple(self._class_index(item) for item in items)
+
+    def _class_index(self, label: int | str) -> int:
+        if isinstance(label, str):
+            if label not in self.class_names:
+                known = ", ".join(self.class_names) or "none: this model's data has no class names, give indices"
+                raise ConfigError("labels", f"unknown class name {label!r} (classes: {known})")
+            return self.class_names.index(label)
+        if not 0 <= int(label) < self.num_classes:
+            raise ConfigError("labels", f"class {label} is outside this model's {self.num_classes} classes "
+                                        f"(0 to {self.num_classes - 1})")
+        return int(label)
+
+    def plan(self, num: int, *, labels=None, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+             seed: int = 0, batch_size: int = 32, top: SamplerConfig | None = None,
+             bottom: SamplerConfig | None = None) -> SamplePlan:
+        """The :class:`SamplePlan` of :meth:`sample`'s arguments (``vqgen sample`` builds its own so)."""
+        both = SamplerConfig(temperature=temperature, top_k=top_k, top_p=top_p)
+        return SamplePlan(num_samples=num, batch_size=batch_size, seed=seed, top=top or both,
+                          bottom=bottom or both, labels=self.class_labels(labels))
+
+    def sample(self, num: int, *, labels: int | str | Sequence[int | str] | None = None, temperature: float = 1.0,
+               top_k: int = 0, top_p: float = 1.0, seed: int = 0, generator: torch.Generator | None = None,
+               batch_size: int = 32, top: SamplerConfig | None = None, bottom: SamplerConfig | None = None,
+               progress: bool = False) -> Samples:
+        """Draw ``num`` images: ``(images uint8 [num, C, H, W], labels int64 [num])``.
+
+        Args:
+            labels: None draws classes uniformly; a class (index or name) for all; a list: image
+                ``i`` gets ``labels[i % len(labels)]`` (a list of ``num`` gives each image's).
+            temperature, top_k, top_p: both levels' sampling; ``top`` / ``bottom`` replace them per level.
+            seed: batch ``b`` draws from a generator seeded ``seed * 1_000_003 + b``, as the
+                pipeline's sample stage does: its settings give its images.
+            generator: draw every batch from this generator instead (reproducible from its state).
+        """
+        plan = self.plan(num, labels=labels, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                         batch_size=batch_size, top=top, bottom=bottom)
+        batches = [self.draw_batch(plan, b, generator=generator, progress=progress) for b in range(plan.num_batches)]
+        return Samples(torch.cat([b.images for b in batches]), torch.cat([b.labels for b in batches]))
+
+    @torch.no_grad()
+    def draw_batch(self, plan: SamplePlan, batch: int, *, generator: torch.Generator | None = None,
+                   progress: bool = False) -> Samples:
+        """Batch ``batch`` of ``plan``: top codes, bottom codes given them, then the decoder."""
+        indices = plan.batch_indices(batch)
+        n, device = len(indices), self.device
+        generator = generator or plan.generator(batch)
+        labels = None
+        if self.num_classes:
+            # Uniform labels come first from the batch's generator, before any code is drawn.
+            labels = (torch.tensor([plan.labels[i % len(plan.labels)] for i in indices]) if plan.labels
+                      else torch.randint(self.num_classes, (n,), generator=generator)).to(device)
+        options = dict(generator=generator, cached=self.cached, cuda_graphs=self.cuda_graphs, progress=progress)
+        top = sample(self.prior_top, n, labels=labels, config=plan.top, **options)
+        bottom_labels = labels if self.prior_bottom.layout.num_classes else None
+        bottom = sample(self.prior_bottom, n, labels=bottom_labels, condition=top, config=plan.bottom, **options)
+        images = self.decode(top, bottom)
+        return Samples(images, labels.cpu() if labels is not None else torch.full((n,), -1))
+
+    def _autocast(self):
+        kind = self.device.type
+        supported = kind == "cpu" or (kind == "cuda" and torch.cuda.is_bf16_supported())
+        if not (self.bf16 and supported):
+            return contextlib.nullcontext()
+        return torch.autocast(kind, dtype=torch.bfloat16)
+
+    @torch.no_grad()
+    def encode(self, images) -> tuple[torch.Tensor, torch.Tensor]:
+        """Code maps ``(top [N, H/8, W/8], bottom [N, H/4, W/4])`` of images: uint8 ``[N, C, H, W]``
+        (a tensor or an array) or float in [-1, 1]."""
+        with self._autocast():
+            return self.vqvae.encode(self._as_input(images))
+
+    @torch.no_grad()
+    def decode(self, top: torch.Tensor, bottom: torch.Tensor) -> torch.Tensor:
+        """uint8 images ``[N, C, H, W]`` (on the CPU) of code maps."""
+        with self._autocast():
+            images = self.vqvae.decode_codes(top.to(self.device), bottom.to(self.device))
+        return to_uint8(images.float()).cpu()
+
+    def reconstruct(self, images) -> torch.Tensor:
+        """uint8 reconstructions of images (as :meth:`encode` takes them)."""
+        return self.decode(*self.encode(images))
+
+    def _as_input(self, images) -> torch.Tensor:
+        images = torch.as_tensor(images)
+        if images.ndim != 4 or tuple(images.shape[1:]) != self.image_shape:
+            raise DataError(f"images: expected [N, {', '.join(map(str, self.image_shape))}], got {list(images.shape)}")
+        if images.dtype == torch.uint8:
+            images = images.float() / 127.5 - 1.0
+        return images.to(self.device, torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Long runs: one part file per batch, then one samples file
+
+
+def part_path(parts: Path, batch: int) -> Path:
+    return parts / f"batch-{batch:06d}.npz"
+
+
+def unfinished_batches(parts: Path, plan: SamplePlan, rank: int, world: int) -> list[int]:
+    """This process's batches (``rank, rank + world, ...``) that have no part file yet."""
+    return [b for b in shard_indices(plan.num_batches, rank, world) if not part_path(parts, b).exists()]
+
+
+def write_parts(parts: Path, batches: Sequence[int], draw: Callable[[int], Samples],
+                progress: bool = False) -> tuple[int, float]:
+    """Draw ``batches`` with ``draw``, saving each as its part file as soon as it is made (the part
+    is what marks a batch finished). Returns ``(images made, seconds)``."""
+    start, made = time.perf_counter(), 0
+    for b in tqdm(batches, desc="sample batches", disable=not progress):
+        images, labels = draw(b)
+        save_samples(part_path(parts, b), images.numpy(), labels.numpy())
+        made += len(images)
+    return made, time.perf_counter() - start
+
+
+def finish_parts(parts: Path, plan: SamplePlan, out: Path, grid_size: int, npz: bool = True) -> str | None:
+    """``out/samples.npz`` streamed from the parts (when ``npz``) and ``out/grid.png`` of the first
+    ``grid_size`` images; returns the samples' fingerprint (see
+    :func:`~vqgen.data.samples.concatenate_samples`), None without ``npz``."""
+    from vqgen.pictures import save_grid
+
+    paths = [part_path(parts, b) for b in range(plan.num_batches)]
+    fingerprint = concatenate_samples(out / "samples.npz", paths) if npz else None
+    save_grid(torch.from_numpy(first_images(paths, grid_size)), out / "grid.png")
+    return fingerprint
+
+
+# ----------------------------------------------------------------------------------------------
+# `vqgen sample`: a folder of images
+
+FORMATS = ("png", "npz")
+MANIFEST = "manifest.json"
+
+
+def sample_to_folder(gen: VQGen, plan: SamplePlan, out: Path, *, formats: Sequence[str] = FORMATS,
+                     grid_size: int = 64) -> dict:
+    """Write ``plan``'s images into the new folder ``out``: ``images/NNNNNN.png`` per image (in
+    ``images/<label>/`` when the priors are class-conditional), ``samples.npz``, ``grid.png`` and
+    ``manifest.json`` (every setting, the models' sha256, throughput). Returns the manifest.
+
+    Under ``torchrun`` / ``accelerate launch`` the processes share the batches; the images do not
+    depend on their number. A rerun into the same folder continues at the next unfinished batch, and
+    refuses (a ConfigError naming the setting) if any setting differs from the first run's.
+    """
+    state = process_state()
+    settings = {**plan.settings(), "format": sorted(set(formats)), "bf16": gen.bf16, "models": gen.info.sha256}
+    done, resumed = on_main_process(lambda: _prepare_folder(gen, plan, out, settings))
+    if done is not None:
+        return done
+    start = time.perf_counter()
+    parts = out / "parts"
+
+    def draw(batch: int) -> Samples:
+        samples = gen.draw_batch(plan, batch)
+        if "png" in formats:
+            _write_pngs(samples, plan.batch_indices(batch), out, conditional=gen.num_classes > 0)
+        return samples
+
+    write_parts(parts, unfinished_batches(parts, plan, state.process_index, state.num_processes), draw,
+                progress=state.is_main_process)
+    state.wait_for_everyone()
+
+    def finish() -> dict:
+        finish_parts(parts, plan, out, grid_size, npz="npz" in formats)
+        seconds = time.perf_counter() - start
+        made = plan.num_samples - resumed
+        manifest = {**read_json(out / MANIFEST), "finished": True, "count": plan.num_samples,
+                    "made_now": made, "resumed_from_parts": resumed, "processes": state.num_processes,
+                    "seconds": round(seconds, 3), "samples_per_sec": round(made / max(seconds, 1e-9), 2)}
+        atomic_write_json(out / MANIFEST, manifest)
+        shutil.rmtree(parts)  # after the manifest: a kill in between leaves a complete folder
+        return manifest
+
+    return on_main_process(finish)
+
+
+def _prepare_folder(gen: VQGen, plan: SamplePlan, out: Path, settings: dict) -> tuple[dict | None, int]:
+    """Check ``out`` and record the settings. Returns ``(the manifest if the folder is already
+    complete, else None; images already made by an interrupted run)``."""
+    if gen.info.source:
+        _refuse_model_folder(Path(gen.info.source), out)
+    manifest, parts = out / MANIFEST, out / "parts"
+    if manifest.exists():
+        previous = read_json(manifest)
+        _check_same_settings(previous.get("settings", {}), settings, out)
+        if previous.get("finished"):
+            print(f"{out}: already complete ({plan.num_samples} images)")
+            return previous, plan.num_samples
+    elif out.exists() and any(out.iterdir()):
+        raise VQGenError(f"--out {out}: a non-empty folder that `vqgen sample` did not make: give a new folder")
+    parts.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(manifest, {
+        "finished": False, "settings": settings, "source": gen.info.source, "class_names": list(gen.class_names),
+        "device": str(gen.device), "cached": gen.cached, "cuda_graphs": gen.cuda_graphs,
+    })
+    return None, sum(len(plan.batch_indices(b)) for b in range(plan.num_batches) if part_path(parts, b).exists())
+
+
+def _refuse_model_folder(source: Path, out: Path) -> None:
+    """Samples never go into the model's own folders (a run's ``samples/`` is the pipeline's)."""
+    out = out.resolve()
+    inside = source.is_dir() and (out == source.resolve() or any(
+        out.is_relative_to((source / d).resolve()) for d in (*COMPONENTS, "samples", "codes", "eval")))
+    if inside or (out / "stage.json").exists():
+        raise VQGenError(f"--out {out}: inside the model's folder {source} (its samples/ belongs to the "
+                         "pipeline's sample stage): give a folder of its own")
+
+
+def _check_same_settings(previous: dict, settings: dict, out: Path, prefix: str = "") -> None:
+    """A ConfigError naming the first setting in which a rerun differs from the folder's first run."""
+    for key in sorted(set(previous) | set(settings)):
+        old, new = previous.get(key), settings.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            _check_same_settings(old, new, out, f"{prefix}{key}.")
+        elif old != new:
+            raise ConfigError(f"{prefix}{key}", f"{out} was started with {old!r}, this run asks for {new!r}: "
+                                                "sample into a new --out folder, or delete this one to start over")
+
+
+def _write_pngs(samples: Samples, indices: range, out: Path, conditional: bool) -> None:
+    """``out/images/[label/]NNNNNN.png`` by global index: a folder of images only, which evaluation
+    tools (and ``vqgen score``) read as it is. Not atomic, and need not be: the part file written
+    after them marks the batch finished, and a batch cut short is drawn again, its PNGs rewritten."""
+    from PIL import Image
+
+    for i, image, label in zip(indices, samples.images.numpy(), samples.labels.tolist()):
+        folder = out / "images" / str(label) if conditional else out / "images"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)).save(folder / f"{i:06d}.png")
