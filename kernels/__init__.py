@@ -23,7 +23,7 @@ BACKENDS: tuple[Backend, ...] = ("auto", "triton", "torch")
 def check_backend(backend: str, key: str = "backend") -> Backend:
     """``backend`` if it is one of :data:`BACKENDS`; else a ConfigError naming ``key``."""
     if backend not in BACKENDS:
-        raise ConfigError(key, f"must be auto, triton or torch, got {backend!r}")
+        raise ConfigError(key, f"must be 'auto', 'triton' or 'torch', got {backend!r}")
     return backend
 
 

@@ -34,7 +34,7 @@ from vqgen.scoring import (
     reference_features, sample_metrics,
 )
 from vqgen.tracking import read_metrics_csv
-from vqgen.utils import atomic_write_json
+from vqgen.utils import atomic_write_json, check_writable
 
 DIR = "eval"
 
@@ -106,7 +106,7 @@ def evaluate(cfg: EvaluateStageConfig, data: DataConfig, run_dir: Path, device) 
     writes ``metrics.json`` and the report, and every process returns them."""
     stage_dir = run_dir / DIR
     extractor = make_extractor(cfg, device)
-    cache_dir = Path(cfg.stats_cache) if cfg.stats_cache else run_dir.parent / "fid-stats"
+    cache_dir = stats_cache_dir(cfg, run_dir.parent)
     reference = reference_features(cfg, data, cache_dir, extractor)
     samples, labels = load_samples(run_dir / "samples" / "samples.npz")
     fake = features_of(array_images(samples, labels), len(samples), extractor, cfg.batch_size, "sample features")
@@ -165,6 +165,11 @@ def preflight(sections: dict) -> None:
     check_inception_weights(cfg.inception_weights or None, url=cfg.inception_url or None, download=cfg.download_weights)
     if cfg.reference_split is None:
         load_stats_file(Path(cfg.reference).expanduser())
+    check_writable(stats_cache_dir(cfg, Path(sections["run"].out_dir)), "the reference statistics cache (evaluate.stats_cache)")
+
+
+def stats_cache_dir(cfg: EvaluateStageConfig, out_dir: Path) -> Path:
+    return Path(cfg.stats_cache) if cfg.stats_cache else out_dir / "fid-stats"
 
 
 # The VQ-VAE (reconstructions), the codes (usage), the priors (bits/dim) and the samples.

@@ -20,6 +20,7 @@ from accelerate import Accelerator
 
 from vqgen.bundle import COMPONENTS
 from vqgen.config import SampleStageConfig
+from vqgen.errors import ConfigError
 from vqgen.configtools import split_by_role
 from vqgen.generate import SamplePlan, Samples, VQGen, finish_parts, unfinished_batches, write_parts
 from vqgen.models.export import load_model, read_export_info
@@ -72,6 +73,11 @@ def run(sections: dict, run_dir: Path, accelerator: Accelerator) -> StageResult:
     device, main = accelerator.device, accelerator.is_main_process
     models = VQGen(*(load_model(run_dir / d, device=device)[0] for d in COMPONENTS),
                    cached=cfg.cached, cuda_graphs=cfg.cuda_graphs)
+    if cfg.label >= 0:
+        try:
+            models.class_labels(cfg.label)
+        except ConfigError as err:  # name the config key, not the API's argument
+            raise ConfigError("sample.label", str(err).split(": ", 1)[1]) from None
     todo = unfinished_batches(parts, plan, accelerator.process_index, accelerator.num_processes)
 
     def draw(batch: int) -> Samples:

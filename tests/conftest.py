@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
-from tiny_pipeline import INCEPTION_NOFC, TinyPipeline
+from tiny_pipeline import INCEPTION_NOFC, SHARED_DATA, TinyPipeline
 
 # Tiny models run faster on one thread than on two contending ones.
 torch.set_num_threads(1)
 
-SHARED_DATA = Path(os.environ.get("VQGEN_TEST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
 @pytest.fixture(scope="module")

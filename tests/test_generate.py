@@ -226,3 +226,9 @@ def test_readme_example_runs_as_written(run_dir):
     namespace: dict = {}
     exec(code.replace('"runs/demo"', repr(str(run_dir))), namespace)
     assert namespace["images"].shape[1:] == (3, 16, 16) and namespace["images"].dtype == torch.uint8
+
+
+def test_a_sample_label_outside_the_classes_names_its_config_key(run_dir):
+    config = run_dir / "config.toml"  # the run's resolved config: `vqgen stage` on it reruns the stage
+    err = vqgen("stage", "sample", str(config), "--set", "sample.label=99", rc=2)
+    assert "sample.label: class 99 is outside this model's 5 classes" in err

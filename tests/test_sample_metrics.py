@@ -230,7 +230,7 @@ def all_cores():
 @pytest.fixture(scope="module")
 def agreement(tmp_path_factory, all_cores):
     """Per dataset: the benchmark's Comparison at N_IMAGES + N_IMAGES, and the extractors."""
-    from conftest import SHARED_DATA
+    from tiny_pipeline import SHARED_DATA
 
     weights_nofc = SHARED_DATA / "inception" / "pt_inception-2015-12-05-nofc.pth"
     if not weights_nofc.is_file():

@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 
 TINY_PIPELINE = Path(__file__).resolve().parent / "pipelines" / "tiny.toml"
+# The real test data (Fashion-MNIST, the CIFAR-10 subset, the Inception weights); tests skip without it.
+SHARED_DATA = Path(os.environ.get("VQGEN_TEST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 INCEPTION_NOFC = Path("inception") / "pt_inception-2015-12-05-nofc.pth"
 
 

@@ -24,15 +24,25 @@ from vqgen.errors import VQGenError
 PRIOR_SHORTHAND = "train-prior"  # `stage train-prior --level top` names `train-prior-top`
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("vqgen")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
 def _parser() -> argparse.ArgumentParser:
     from vqgen.pipeline import stage_names  # the runner's own table: one name per stage
 
 
     parser = argparse.ArgumentParser(prog="vqgen", description="VQ-VAE-2 + gated PixelCNN priors, stage by stage.")
+    parser.add_argument("--version", action="version", version=f"vqgen {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def with_config(p):
-        p.add_argument("config", help="pipeline TOML, e.g. pipelines/demo.toml")
+        p.add_argument("config", help="pipeline TOML, or the name of a shipped pipeline (demo, fashion-mnist, cifar10, ...)")
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="override a config value (repeatable), e.g. --set vqvae.train.lr=3e-4")
         return p

@@ -184,9 +184,31 @@ class PipelineConfig:
         return Path(self.run.out_dir) / self.run.name
 
 
+def shipped_pipelines() -> dict[str, Path]:
+    """The pipelines installed with vqgen, by name (``demo`` → ``.../vqgen/pipelines/demo.toml``)."""
+    from importlib.resources import files
+
+    folder = Path(str(files("vqgen.pipelines")))
+    return {p.stem: p for p in sorted(folder.glob("*.toml"))}
+
+
+def resolve_pipeline(path: str | Path) -> Path:
+    """``path`` itself when it exists (or looks like a path), else the shipped pipeline of that name,
+    so ``vqgen run demo`` works from any folder after a plain install."""
+    path = Path(path)
+    if path.exists() or path.suffix or len(path.parts) > 1:
+        return path
+    shipped = shipped_pipelines()
+    if str(path) in shipped:
+        return shipped[str(path)]
+    raise ConfigError("", f"no config file {path} here, and no shipped pipeline of that name "
+                          f"(shipped: {', '.join(shipped)})")
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> PipelineConfig:
-    """Load a pipeline TOML (or the defaults when ``path`` is None) and apply ``--set`` overrides."""
-    raw = load_toml(str(path)) if path is not None else {}
+    """Load a pipeline TOML (a path, or the name of a shipped pipeline; the defaults when ``path``
+    is None) and apply ``--set`` overrides."""
+    raw = load_toml(str(resolve_pipeline(path))) if path is not None else {}
     return from_dict(PipelineConfig, apply_overrides(raw, list(overrides)))
 
 

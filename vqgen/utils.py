@@ -187,3 +187,14 @@ def eval_mode(model) -> Iterator[None]:
         yield
     finally:
         model.train(was_training)
+
+
+def check_writable(folder: str | os.PathLike, what: str) -> None:
+    """Create ``folder`` if needed and write and remove a probe file in it: a StorageError naming
+    ``what`` now rather than when a long job first writes there."""
+    folder = Path(folder)
+    with storage_errors(folder, what):
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".vqgen-write-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()

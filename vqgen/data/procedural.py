@@ -1,6 +1,6 @@
 """A procedurally generated image dataset: one coloured shape on a varied background.
 
-It needs no files, so it is the embedded default for demos and tests. Every image is a pure function
+It needs no files, so the demo and the tests use it. Every image is a pure function
 of ``(seed, stream, index)``: a per-index NumPy generator draws the parameters and the picture is
 rendered with coordinate grids and signed distance functions (anti-aliased edges, no per-pixel
 Python loops), so it is fast at any size and identical in every process. The label is the shape

@@ -1,0 +1,1 @@
+"""The shipped pipeline configs (package data): ``vqgen run demo`` finds ``demo.toml`` here."""

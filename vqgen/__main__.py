@@ -1,0 +1,7 @@
+"""``python -m vqgen``: the ``vqgen`` command."""
+
+import sys
+
+from vqgen.cli import main
+
+sys.exit(main())
