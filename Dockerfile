@@ -17,6 +17,8 @@ COPY pyproject.toml README.md ./
 COPY vqgen ./vqgen
 COPY stages ./stages
 COPY kernels ./kernels
+# Installed as package data (`vqgen run demo` by name), and a copy to edit in the working folder.
+COPY pipelines ./pipelines
 COPY pipelines /work/pipelines
 # Keep the base image's CUDA builds of torch, torchvision and triton: if a requirement ever stopped
 # admitting them, pip would fetch a PyPI build over them; with them as constraints the build fails instead.

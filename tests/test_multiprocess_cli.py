@@ -100,5 +100,8 @@ def test_accelerate_launch_three_processes(tiny_pipeline):
     tiny_pipeline("stage", "evaluate")
     one = json.loads((run_dir / "eval" / "metrics.json").read_text())
     assert one.keys() == three.keys()
+    # Not bit for bit: a rank's reconstruction batches hold other images, and a convolution's float
+    # sums depend on its batch. abs=1e-6 against metrics of ~0.1-300 (KID's std over identical
+    # subsets is itself such noise, ~1e-7).
     for key, value in one.items():
-        assert three[key] == (pytest.approx(value, rel=1e-5, abs=1e-9) if isinstance(value, float) else value), key
+        assert three[key] == (pytest.approx(value, rel=1e-5, abs=1e-6) if isinstance(value, float) else value), key
