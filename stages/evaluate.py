@@ -25,7 +25,7 @@ from vqgen.manifest import read_manifest
 from vqgen.distributed import on_main_process
 from vqgen.metrics.inception_weights import check_inception_weights
 from vqgen.tracking import log_images
-from vqgen.stage import Stage, StageResult, check_data
+from vqgen.stage import Stage, StageResult, folder_index_dir, check_data
 from vqgen.metrics.image import psnr
 from vqgen.models.export import load_model
 from vqgen.pictures import draw_curves, image_grid, labelled_grid, save_png, stack_panels
@@ -110,7 +110,7 @@ def evaluate(cfg: EvaluateStageConfig, data: DataConfig, run_dir: Path, device) 
     reference = reference_features(cfg, data, cache_dir, extractor)
     samples, labels = load_samples(run_dir / "samples" / "samples.npz")
     fake = features_of(array_images(samples, labels), len(samples), extractor, cfg.batch_size, "sample features")
-    eval_set = build_dataset(data, "eval")
+    eval_set = build_dataset(data, "eval", index_dir=folder_index_dir(run_dir))
     num_recon = min(cfg.num_recon or reference.info["num_real"] or len(eval_set), len(eval_set))
     vqvae, _, _ = load_model(run_dir / "vqvae", device=device)
     psnr_of: dict[int, float] = {}

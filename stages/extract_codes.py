@@ -24,7 +24,7 @@ from vqgen.configtools import split_by_role
 from vqgen.data import CodeLevel, CodeStoreWriter, inspect_store, make_meta, read_store_meta, store_checksum
 from vqgen.data.datasets import DataConfig, build_dataset, skipped_files_report
 from vqgen.distributed import shard_indices
-from vqgen.stage import Stage, StageResult, check_data
+from vqgen.stage import Stage, StageResult, folder_index_dir, check_data
 from vqgen.models.export import load_model
 from vqgen.utils import sha256_json
 
@@ -96,7 +96,7 @@ def run(sections: dict, run_dir: Path, accelerator: Accelerator) -> StageResult:
     splits = [("train", "codes.lmdb")] + ([("eval", "eval.lmdb")] if cfg.include_eval else [])
     metrics, outputs = {}, {}
     for split, name in splits:
-        dataset = build_dataset(data, split)
+        dataset = build_dataset(data, split, index_dir=folder_index_dir(run_dir))
         skipped, lines = skipped_files_report(**{split: dataset})
         for line in lines:
             accelerator.print(f"[vqgen] {line}")

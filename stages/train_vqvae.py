@@ -17,7 +17,7 @@ from vqgen.data.datasets import DataConfig, build_dataset, skipped_files_report
 from vqgen.distributed import shard_loader
 from vqgen.evaluation import reconstruction_metrics, vqvae_loss
 from vqgen.tracking import log_images
-from vqgen.stage import Stage, StageResult, check_data
+from vqgen.stage import Stage, StageResult, folder_index_dir, check_data
 from vqgen.models.export import export_model
 from vqgen.models.vqvae2 import VQVAE2
 from vqgen.pictures import save_grid
@@ -38,8 +38,8 @@ def run(sections: dict, run_dir: Path, accelerator: Accelerator) -> StageResult:
     cfg: VQVAEStageConfig = sections["vqvae"]
     data: DataConfig = sections["data"]
     stage_dir = run_dir / DIR
-    train_set = build_dataset(data, "train", augment=data.hflip)
-    eval_set = build_dataset(data, "eval")
+    train_set = build_dataset(data, "train", augment=data.hflip, index_dir=folder_index_dir(run_dir))
+    eval_set = build_dataset(data, "eval", index_dir=folder_index_dir(run_dir))
     eval_loader = shard_loader(eval_set, cfg.train.batch_size, accelerator, cfg.train.num_workers)
     preview = torch.stack([eval_set[i][0] for i in range(min(cfg.num_recon_images, len(eval_set)))])
     model = VQVAE2(cfg.model)

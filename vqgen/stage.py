@@ -19,7 +19,7 @@ from accelerate import Accelerator
 
 from vqgen.manifest import StageResult
 
-__all__ = ["Stage", "StageResult", "check_data", "section"]
+__all__ = ["Stage", "StageResult", "check_data", "folder_index_dir", "section"]
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,12 @@ def check_data(sections: dict[str, Any]) -> None:
     from vqgen.data.datasets import check_data_root
 
     check_data_root(sections["data"])
+
+
+def folder_index_dir(run_dir: Path) -> Path:
+    """Where the stages keep image folders' file indexes: beside the runs (``out_dir/folder-index``),
+    shared by every run and stage that reads the same folder, and never inside the data folder."""
+    return run_dir.parent / "folder-index"
 
 
 def section(cfg: Any, path: str) -> Any:

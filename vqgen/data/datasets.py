@@ -23,6 +23,7 @@ import os
 import warnings
 import zipfile
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Literal, Protocol
@@ -34,6 +35,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as TF
 
+from vqgen.data.folder_index import FolderIndex, ListedFile, scan_image_files
 from vqgen.data.procedural import EVAL_STREAM, TRAIN_STREAM, ProceduralConfig, ProceduralShapes
 from vqgen.configtools import schedule_field
 from vqgen.errors import ConfigError, DataError
@@ -463,20 +465,32 @@ def _jpeg_end_problem(path: Path, scan_start: int) -> str | None:
     return None if JPEG_END_MARKER in tail else "truncated JPEG (no end-of-image marker)"
 
 
+def _parts_below(path: Path, top: Path) -> tuple[str, ...]:
+    """``path.relative_to(top).parts``, by string where it can be: ``relative_to`` costs more than
+    a stat, which adds up over a million files."""
+    here, above = str(path), str(top)
+    if above != "." and here.startswith(above + os.sep):
+        return tuple(here[len(above) + 1:].split(os.sep))
+    return path.relative_to(top).parts
+
+
 class FolderSource:
     """Images below a folder; labels from first-level subfolder names (sorted), else -1.
 
     Split folders: ``root/eval``, ``root/test`` or ``root/val`` is the eval split when present (and ``root/train``,
     if present, the train split); otherwise both splits come from the deterministic hold-out.
     Files are checked at construction (see :func:`check_image_file`; with ``limit`` only until
-    that many good files are found): a bad one raises a :class:`DataError` naming it, or with
+    that many good files are found; verdicts are cached across processes and stages, see
+    :mod:`vqgen.data.folder_index`, with ``cache_dir`` where to keep them and ``use_index=False``
+    to check every file afresh): a bad one raises a :class:`DataError` naming it, or with
     ``on_corrupt = "skip"`` is left out and listed in ``skipped`` (its reason in ``skip_reasons``).
     A file that still fails to decode when loaded (changed since, or damaged in a way the check
     does not see) raises a DataError naming it, or under ``"skip"`` is replaced by the next file
     that decodes, with a warning, so an epoch is not lost to one file.
     """
 
-    def __init__(self, root: Path, split: Split, on_corrupt: str, mode: str, limit: int = 0):
+    def __init__(self, root: Path, split: Split, on_corrupt: str, mode: str, limit: int = 0,
+                 cache_dir: Path | None = None, use_index: bool = True):
         if not root.is_dir():
             raise DataError(f"image folder not found: {root}")
         self.mode = mode
@@ -487,10 +501,16 @@ class FolderSource:
         train_dir = root / "train" if eval_dir is not None and (root / "train").is_dir() else root
         exclude = frozenset(root / d for d in EVAL_FOLDERS) if eval_dir is not None else frozenset()
 
-        train_files = list_image_files(train_dir, exclude)
+        # One listing of the whole root serves both splits: a subfolder's files are a run of it in
+        # the same order, so the subsets equal what listing each folder on its own gives.
+        listing = scan_image_files(root, IMAGE_EXTENSIONS) if use_index else None
+        paths = [root / f.rel for f in listing] if listing is not None else []
+        train_files = (list_image_files(train_dir, exclude) if listing is None
+                       else self._subset(root, listing, paths, train_dir, exclude))
         self.class_names = self._class_names(train_files, train_dir)
         if eval_dir is not None and split == "eval":
-            top, files = eval_dir, list_image_files(eval_dir)
+            top = eval_dir
+            files = list_image_files(eval_dir) if listing is None else self._subset(root, listing, paths, eval_dir)
         elif eval_dir is not None:
             top, files = train_dir, train_files
         else:
@@ -499,21 +519,48 @@ class FolderSource:
             extensions = ", ".join(sorted(IMAGE_EXTENSIONS))
             raise DataError(f"no image files ({extensions}) found for split {split!r} under {top}")
 
-        self.files, self.skip_reasons = self._verified(files, on_corrupt, limit)
+        if listing is None:
+            self.files, self.skip_reasons = self._verified(files, on_corrupt, limit, check_image_file)
+        else:
+            # Verdicts recorded by an earlier build (any process, any stage) for unchanged files
+            # are reused; the rest are checked and recorded, also when a corrupt file raises.
+            index = FolderIndex(root, cache_dir)
+            listed = dict(zip(paths, listing))
+
+            def check(path: Path) -> str | None:
+                return index.verdict(listed[path], path, check_image_file)
+
+            try:
+                self.files, self.skip_reasons = self._verified(files, on_corrupt, limit, check)
+            finally:
+                index.save(listing)
         self.skipped = list(self.skip_reasons)
         class_ids = {name: i for i, name in enumerate(self.class_names)}
         self.labels = [self._label(path, top, class_ids) for path in self.files]
         self.num_classes = len(self.class_names)
 
     @staticmethod
+    def _subset(root: Path, listing: list[ListedFile], paths: list[Path], top: Path,
+                exclude: frozenset[Path] = frozenset()) -> list[Path]:
+        """The ``paths`` of the files of ``listing`` (relative to ``root``) below ``top`` and not
+        below ``exclude``: string prefixes, as pathlib is slow per file."""
+        def prefix(folder: Path) -> str:
+            rel = folder.relative_to(root).as_posix()
+            return "" if rel == "." else rel + "/"
+
+        inside, outside = prefix(top), tuple(prefix(e) for e in exclude)
+        return [path for f, path in zip(listing, paths)
+                if f.rel.startswith(inside) and not (outside and f.rel.startswith(outside))]
+
+    @staticmethod
     def _class_names(files: list[Path], top: Path) -> tuple[str, ...]:
         """Sorted names of the first-level subfolders that hold at least one image."""
-        parts = (f.relative_to(top).parts for f in files)
+        parts = (_parts_below(f, top) for f in files)
         return tuple(sorted({p[0] for p in parts if len(p) > 1}))
 
     @staticmethod
     def _label(path: Path, top: Path, class_ids: dict[str, int]) -> int:
-        parts = path.relative_to(top).parts
+        parts = _parts_below(path, top)
         if len(parts) == 1 or not class_ids:  # a file directly in the split folder has no class
             return -1
         if parts[0] not in class_ids:
@@ -522,13 +569,15 @@ class FolderSource:
         return class_ids[parts[0]]
 
     @staticmethod
-    def _verified(files: list[Path], on_corrupt: str, limit: int) -> tuple[list[Path], dict[Path, str]]:
-        """The good files, and the skipped ones with their reasons (in order)."""
+    def _verified(files: list[Path], on_corrupt: str, limit: int,
+                  check: Callable[[Path], str | None]) -> tuple[list[Path], dict[Path, str]]:
+        """The good files, and the skipped ones with their reasons (in order); ``check`` gives a
+        file's problem (see :func:`check_image_file`), or ``None``."""
         good, skipped = [], {}
         for path in files:
             if limit and len(good) == limit:
                 break
-            problem = check_image_file(path)
+            problem = check(path)
             if problem is None:
                 good.append(path)
             elif on_corrupt == "skip":
@@ -630,8 +679,9 @@ def check_data_root(cfg: DataConfig) -> None:
                     + ("; set data.download = true to fetch it" if cfg.kind in _TORCHVISION_CLASSES else ""))
 
 
-def build_source(cfg: DataConfig, split: Split) -> ImageSource:
-    """The untransformed source of ``cfg.kind`` for ``split``; raises DataError when it is missing."""
+def build_source(cfg: DataConfig, split: Split, index_dir: Path | None = None) -> ImageSource:
+    """The untransformed source of ``cfg.kind`` for ``split``; raises DataError when it is missing.
+    ``index_dir``: where a folder's file index is kept (see :mod:`vqgen.data.folder_index`)."""
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
     if cfg.kind == "procedural":
@@ -643,16 +693,18 @@ def build_source(cfg: DataConfig, split: Split) -> ImageSource:
     if cfg.kind == "npz":
         return npz_source(cfg, split)
     limit = cfg.num_train if split == "train" else cfg.num_eval
-    return FolderSource(root, split, cfg.on_corrupt, mode="L" if cfg.channels == 1 else "RGB", limit=limit)
+    return FolderSource(root, split, cfg.on_corrupt, mode="L" if cfg.channels == 1 else "RGB", limit=limit,
+                        cache_dir=index_dir)
 
 
-def build_dataset(cfg: DataConfig, split: Split, augment: bool = False) -> ImageDataset:
+def build_dataset(cfg: DataConfig, split: Split, augment: bool = False, index_dir: Path | None = None) -> ImageDataset:
     """The dataset of ``cfg`` for ``split``: items ``(image float [C,S,S] in [-1,1], label int)``.
 
     ``augment`` enables the train-time augmentation the config asks for (``hflip``). The first
     ``num_train`` / ``num_eval`` items are kept when those are set. Deterministic apart from flips.
+    ``index_dir``: where an image folder's file index is kept (the stages: beside the runs).
     """
-    source = build_source(cfg, split)
+    source = build_source(cfg, split, index_dir)
     transform = ImageTransform(cfg.image_size, cfg.channels, hflip=augment and cfg.hflip)
     limit = cfg.num_train if split == "train" else cfg.num_eval
     return ImageDataset(source, transform, limit)
