@@ -19,6 +19,7 @@ def test_python_dash_m_and_version():
 
 
 def test_shipped_pipelines_load_by_name_from_any_folder(tmp_path):
+    (tmp_path / "demo").mkdir()  # a folder of the same name (a run's output, say) is not the config
     assert {"demo", "fashion-mnist", "cifar10", "imagenet256"} <= set(shipped_pipelines())
     done = run("config", "demo", "--set", "run.name=elsewhere", cwd=tmp_path)
     assert done.returncode == 0, done.stderr

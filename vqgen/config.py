@@ -196,11 +196,13 @@ def resolve_pipeline(path: str | Path) -> Path:
     """``path`` itself when it exists (or looks like a path), else the shipped pipeline of that name,
     so ``vqgen run demo`` works from any folder after a plain install."""
     path = Path(path)
-    if path.exists() or path.suffix or len(path.parts) > 1:
+    if path.is_file() or path.suffix or len(path.parts) > 1:
         return path
     shipped = shipped_pipelines()
-    if str(path) in shipped:
+    if str(path) in shipped:  # a bare name; a folder of that name here (often a run's) is no config
         return shipped[str(path)]
+    if path.exists():
+        return path  # load_toml names what it is
     raise ConfigError("", f"no config file {path} here, and no shipped pipeline of that name "
                           f"(shipped: {', '.join(shipped)})")
 
