@@ -6,7 +6,8 @@ The bottom prior is trained first in a pipeline, so the top prior's ``samples.pn
 ancestral samples (top codes → bottom codes → image); a bottom prior's samples are bottom codes
 drawn for the top codes of real held-out images. The export holds the weights with the lowest
 validation bits/dim among the evaluations (``train.export_best``): on small datasets the priors,
-the bottom one especially, overfit long before the last step.
+the bottom one especially, overfit long before the last step. With ``train.ema_decay`` the
+evaluations, and so the export, are of the weight average (see ``vqgen/ema.py``).
 """
 
 from __future__ import annotations

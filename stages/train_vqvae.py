@@ -1,8 +1,10 @@
 """Stage train-vqvae: train the hierarchical VQ-VAE-2 and export it for the later stages.
 
 The export holds the weights with the lowest validation reconstruction MSE among the evaluations
-(``train.export_best``). Writes ``vqvae/``: ``checkpoints/`` (for resume), ``model.safetensors`` + ``model.json``,
-``metrics.csv``, ``recon.png`` (originals above reconstructions) and ``manifest.json`` last.
+(``train.export_best``); with ``train.ema_decay`` they are the weight average's (see
+``vqgen/ema.py``). Writes ``vqvae/``: ``checkpoints/`` (for resume), ``model.safetensors`` +
+``model.json``, ``metrics.csv``, ``recon.png`` (originals above reconstructions) and
+``manifest.json`` last.
 """
 
 from __future__ import annotations

@@ -142,3 +142,16 @@ def test_prior_flops_count_the_fused_projection(monkeypatch, model):
                 attention_every=1, heads=2, cond_blocks=1, device="cpu")
     counts = {b: train_throughput.prior_flops(argparse.Namespace(**args, backend=b)) for b in ("torch", "triton")}
     assert counts["torch"] == counts["triton"] > 0
+
+
+def test_shard_reader_smoke(tmp_path):
+    """The folder-against-shards loader benchmark end to end at a toy size (times mean nothing here)."""
+    out = tmp_path / "shards.json"
+    result = run_script("shard_reader.py", "--images", "120", "--batch", "8", "--shard-size", "25",
+                        "--workdir", str(tmp_path), "--json", str(out))
+    assert result.returncode == 0, result.stdout + result.stderr
+    figures = json.loads(out.read_text())["readers"]
+    assert set(figures) == {"folder", "shards"}
+    assert figures["folder"]["items"] == figures["shards"]["items"] == 108  # the hold-out takes 1 in 10
+    assert all(f["images_per_sec"] > 0 for f in figures.values())
+    assert "shards" in result.stdout.splitlines()[-1]

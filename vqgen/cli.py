@@ -9,6 +9,9 @@
     vqgen score samples.npz|DIR --config pipelines/cifar10.toml [--set ...]   # metrics of any images
     vqgen score samples.npz|DIR --against real_dir|other.npz|stats.npz [--config ...]
     vqgen fid pipelines/cifar10.toml samples.npz [--set ...]  # the same as score, config first
+    vqgen data pack SOURCE OUT [--kind npz] [--shard-size 1000]  # a dataset as tar shards (data.kind = "shards")
+    vqgen data index DIR                                  # index WebDataset tar shards made elsewhere
+    vqgen data verify OUT                                 # every shard's size and sha256 against index.json
 
 Multi-GPU / multi-node: the same commands under ``accelerate launch -m vqgen.cli ...``.
 """
@@ -70,6 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     inspect = codes_sub.add_parser("inspect", help="counts, shapes and code usage of a run's code stores")
     inspect.add_argument("run_dir")
     _add_generation_commands(sub)
+    _add_data_commands(sub)
     return parser
 
 
@@ -94,6 +98,48 @@ def _add_generation_commands(sub) -> None:
     export = sub.add_parser("export", help="write a run's models as one bundle folder (Hub layout, model card)")
     export.add_argument("run_dir")
     export.add_argument("out_dir")
+
+
+def _add_data_commands(sub) -> None:
+    from vqgen.data.shards import DEFAULT_SHARD_SIZE, PACK_KINDS
+
+    data = sub.add_parser("data", help="image data tools: tar shards for data.kind = \"shards\"")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    pack = data_sub.add_parser("pack", help="write both splits of a dataset as WebDataset-style tar shards")
+    pack.add_argument("source", help="an image folder, an .npz file, or a torchvision root (with --kind)")
+    pack.add_argument("out", help="a new or empty folder; an earlier pack of the same source there is rewritten")
+    pack.add_argument("--kind", choices=PACK_KINDS, help="the source's data.kind (default: npz for an .npz "
+                                                         "file, folder for a folder)")
+    pack.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="images per shard")
+    pack.add_argument("--on-corrupt", choices=("error", "skip"), default="error",
+                      help="a corrupt image file: stop naming it, or leave it out and count it")
+    index = data_sub.add_parser("index", help="write index.json for a folder of WebDataset tar shards made "
+                                              "elsewhere (split from the names: train*, eval*/test*/val*)")
+    index.add_argument("folder")
+    verify = data_sub.add_parser("verify", help="check every shard of a pack against index.json (size, sha256)")
+    verify.add_argument("folder")
+
+
+def _data(args) -> None:
+    from pathlib import Path
+
+    from vqgen.data.shards import check_shards, index_webdataset, pack
+
+    if args.data_command == "verify":
+        index = check_shards(Path(args.folder), checksums=True)
+        count = sum(len(info["shards"]) for info in index["splits"].values())
+        print(f"{args.folder}: all {count} shards match {Path(args.folder, 'index.json')}")
+        return
+    if args.data_command == "pack":
+        reports = pack(Path(args.source), Path(args.out), args.kind, args.shard_size, args.on_corrupt)
+    else:
+        reports = index_webdataset(Path(args.folder))
+    parts = []
+    for split, r in reports.items():
+        shards = "shard" if r.shards == 1 else "shards"
+        skipped = f", {r.skipped} corrupt files skipped" if r.skipped else ""
+        parts.append(f"{split} {r.images} images in {r.shards} {shards} ({r.bytes:,} bytes{skipped})")
+    print(f"{args.out if args.data_command == 'pack' else args.folder}: {'; '.join(parts)}")
 
 
 def _sample(args) -> None:
@@ -166,6 +212,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "export":
             _export(args.run_dir, args.out_dir)
+            return 0
+        if args.command == "data":
+            _data(args)
             return 0
         from vqgen.config import config_to_toml, load_config
         from vqgen.pipeline import run_pipeline, run_single_stage

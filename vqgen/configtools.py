@@ -32,6 +32,7 @@ T = TypeVar("T")
 
 SCHEDULE = "schedule"
 LOCATION = "location"
+ADDED = "added"
 
 
 def schedule_field(default: Any) -> Any:
@@ -48,6 +49,14 @@ def location_field(default: Any) -> Any:
     return dataclasses.field(default=default, metadata={LOCATION: True})
 
 
+def added_field(default: Any) -> Any:
+    """A defining field added to a section after runs were made with it: left out of the stage's
+    definition while it holds its default (what the code did before the field existed), so that
+    upgrading vqgen does not restart finished stages; any other value defines the result as a
+    plain field does."""
+    return dataclasses.field(default=default, metadata={ADDED: True})
+
+
 def split_by_role(cfg: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     """``(defining, scheduling)``: the plain dicts of ``cfg``'s fields split by :func:`schedule_field`,
     nested sections split recursively (a section appears in both when it has fields of both roles)."""
@@ -61,6 +70,8 @@ def split_by_role(cfg: Any) -> tuple[dict[str, Any], dict[str, Any]]:
                 defining[f.name] = sub_def
             if sub_sched:
                 scheduling[f.name] = sub_sched
+        elif f.metadata.get(ADDED) and value == f.default:
+            continue
         elif value is not None and not f.metadata.get(LOCATION):
             target = scheduling if f.metadata.get(SCHEDULE) else defining
             target[f.name] = list(value) if isinstance(value, tuple) else value

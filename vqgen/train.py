@@ -14,6 +14,7 @@ import math
 import pickle
 import shutil
 import time
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Literal
@@ -27,7 +28,8 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 from tqdm.auto import tqdm
 
-from vqgen.configtools import schedule_field
+from vqgen.configtools import added_field, schedule_field
+from vqgen.ema import EMA_FILE, WeightEMA
 from vqgen.errors import CheckpointError, ConfigError
 from vqgen.manifest import read_started
 from vqgen.models.export import save_weights
@@ -70,12 +72,21 @@ class TrainConfig:
     """Export the weights of the evaluation (every ``eval_every`` steps and at the end) with the best
     validation figure instead of the last weights: small datasets overfit (the stage's docstring
     names the figure)."""
+    ema_decay: float = added_field(0.0)
+    """Keep an exponential moving average of the weights with this decay (0: off; 0.999 or 0.9999
+    are usual for priors): evaluation, the best-weights choice, the pictures and the export then use
+    the average, while training goes on with the raw weights. The update after the n-th step past
+    ``ema_start`` uses ``min(ema_decay, n / (n + 9))`` (TensorFlow's warm-up), so the average is not
+    held near the weights of ``ema_start`` for ``1 / (1 - ema_decay)`` steps. Parameters only:
+    buffers (the VQ codebooks and their statistics) are the raw model's (see ``vqgen/ema.py``)."""
+    ema_start: int = added_field(0)
+    """Optimizer steps before the average starts: up to then it equals the raw weights."""
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "grad_accum_steps", "log_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "checkpoint_every", "eval_every", "image_every", "num_workers"):
+        for name in ("warmup_steps", "checkpoint_every", "eval_every", "image_every", "num_workers", "ema_start"):
             if getattr(self, name) < 0:
                 raise ConfigError(name, f"must be >= 0, got {getattr(self, name)}")
         if not self.lr > 0:
@@ -86,6 +97,8 @@ class TrainConfig:
             raise ConfigError("betas", f"must be two numbers in [0, 1), got {list(self.betas)}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError("min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError("ema_decay", f"must be in [0, 1) (0: no weight average), got {self.ema_decay}")
 
 
 @dataclass
@@ -159,13 +172,15 @@ class Checkpointer:
 
     Loop progress and the LR schedule go into ``train_state.json`` rather than through
     ``register_for_checkpointing``, whose objects Accelerate unpickles with ``weights_only=False``;
-    everything else Accelerate loads with ``weights_only=True``.
+    everything else Accelerate loads with ``weights_only=True``. The weight average, when there is
+    one (``ema``), goes into ``ema.safetensors`` beside them.
     """
 
-    def __init__(self, accelerator: Accelerator, stage_dir: Path, keep: int):
+    def __init__(self, accelerator: Accelerator, stage_dir: Path, keep: int, ema: WeightEMA | None = None):
         self.accelerator = accelerator
         self.root = stage_dir / "checkpoints"
         self.keep = keep
+        self.ema = ema
         started = read_started(stage_dir)  # written by the pipeline runner before the stage runs
         self.definition_hash = started.get("definition_hash") if started else None
 
@@ -208,6 +223,9 @@ class Checkpointer:
             self.accelerator.save_state(str(tmp))
             self.accelerator.wait_for_everyone()
             if self.accelerator.is_main_process:
+                # Every rank holds the same average (see WeightEMA): the main process's is the file.
+                if self.ema is not None:
+                    self.ema.save(tmp / EMA_FILE, step)
                 atomic_write_json(tmp / TRAIN_STATE, {**train_state, "definition_hash": self.definition_hash})
         if self.accelerator.is_main_process:
             shutil.rmtree(final, ignore_errors=True)
@@ -221,7 +239,8 @@ class Checkpointer:
         self.accelerator.wait_for_everyone()
 
     def load(self, path: Path) -> dict:
-        """Restore model, optimizer and RNG states; return the saved ``train_state`` dict."""
+        """Restore model, optimizer, RNG states and the weight average; return the saved
+        ``train_state`` dict."""
         try:
             self.accelerator.load_state(str(path))
             saved = read_json(path / TRAIN_STATE)
@@ -231,6 +250,8 @@ class Checkpointer:
                 f"delete {self.root} to start the stage afresh"
             ) from err
         self._check_rng_restored(path)
+        if self.ema is not None:
+            self.ema.load(path / EMA_FILE, int(saved["loop"]["step"]))
         return saved
 
     def _check_rng_restored(self, path: Path) -> None:
@@ -276,11 +297,20 @@ def _save_weights(model: torch.nn.Module, path: Path) -> None:
 
 
 def best_weights(model: torch.nn.Module, state: TrainState, stage_dir: Path) -> torch.nn.Module:
-    """Load the best-validation weights kept by :func:`fit` into ``model`` (if any were kept)."""
+    """Load the best-validation weights kept by :func:`fit` into ``model`` (if any were kept).
+
+    With a weight average (``train.ema_decay``) they are the average's, evaluated at its best step,
+    and without a best (``export_best`` off) ``model`` already holds the last average: either way the
+    stage exports what its evaluations measured."""
     path = stage_dir / BEST_WEIGHTS
     if state.best_step >= 0 and path.exists():
         model.load_state_dict(load_file(str(path), device="cpu"))
     return model
+
+
+def _with_average(ema: WeightEMA | None, model: torch.nn.Module) -> AbstractContextManager[torch.nn.Module]:
+    """``model`` holding the weight average inside the block when there is one, else ``model`` as it is."""
+    return ema.applied(model) if ema is not None else nullcontext(model)
 
 
 def _train_loader(train_set: Dataset, cfg: TrainConfig, accelerator: Accelerator) -> DataLoader:
@@ -290,13 +320,18 @@ def _train_loader(train_set: Dataset, cfg: TrainConfig, accelerator: Accelerator
     global RNG when none is given. A resumed run makes iterators the uninterrupted run does not (the
     one that skips the consumed batches; with persistent workers, the first epoch's in a new process)
     right after the checkpoint restored the RNG, which shifted the model's dropout masks. The order of
-    the items comes from Accelerate's seedable sampler, which reseeds its own generator every epoch.
+    the items comes from Accelerate's seedable sampler, which reseeds its own generator every epoch,
+    or from the dataset's own sampler when it has one (``train_sampler(seed)``: tar shards are read
+    a few at a time). That one is seeded alike on every process and set to each epoch by
+    ``loader.set_epoch``, so Accelerate deals its batches out as it does the seedable sampler's.
     """
-    seed = (accelerator.dataloader_config.data_seed or 0) + accelerator.process_index
+    data_seed = accelerator.dataloader_config.data_seed or 0
+    own = getattr(train_set, "train_sampler", None)
+    sampler = own(data_seed) if own is not None else None
     return DataLoader(
-        train_set, batch_size=cfg.batch_size, sampler=RandomSampler(train_set), drop_last=True,
-        num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
-        generator=torch.Generator().manual_seed(seed),
+        train_set, batch_size=cfg.batch_size, sampler=sampler if sampler is not None else RandomSampler(train_set),
+        drop_last=True, num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
+        generator=torch.Generator().manual_seed(data_seed + accelerator.process_index),
     )
 
 
@@ -352,6 +387,11 @@ def fit(
     ``snapshot(model, step)`` writes pictures (called on every process; write on the main one).
     ``best_metric``: a key of ``evaluate``'s result, lower is better; with ``cfg.export_best`` the
     weights at its best value are kept in ``stage_dir/best.safetensors`` (see :func:`best_weights`).
+
+    With ``cfg.ema_decay`` a moving average of the weights is updated after every optimizer step
+    and saved in every checkpoint; ``evaluate``, ``snapshot`` and ``best.safetensors`` see the
+    average, training goes on with the raw weights, and ``model`` holds the average when ``fit``
+    returns (the raw weights are in the last checkpoint).
     """
     accelerator.gradient_accumulation_steps = cfg.grad_accum_steps
     if cfg.channels_last:
@@ -362,8 +402,10 @@ def fit(
     if len(train_set) < cfg.batch_size * accelerator.num_processes:
         raise ConfigError("batch_size", f"{cfg.batch_size} per process is more than the {len(train_set)} training items allow")
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    raw_model = accelerator.unwrap_model(model)
+    ema = WeightEMA(raw_model, cfg.ema_decay, cfg.ema_start) if cfg.ema_decay > 0 else None
     state = TrainState()
-    checkpointer = Checkpointer(accelerator, stage_dir, cfg.keep_checkpoints)
+    checkpointer = Checkpointer(accelerator, stage_dir, cfg.keep_checkpoints, ema)
     if (latest := checkpointer.latest()) is not None:
         saved = checkpointer.load(latest)
         state.load_state_dict(saved["loop"])
@@ -386,6 +428,8 @@ def fit(
         if not accelerator.sync_gradients:
             continue
         state.step += 1
+        if ema is not None:
+            ema.update(raw_model, state.step)
         window_steps += 1
         progress.update(1)
         last = state.step == cfg.steps
@@ -397,18 +441,25 @@ def fit(
             accelerator.log(logs, step=state.step)
             progress.set_postfix(loss=f"{logs['loss']:.4f}")
             window, window_start, window_steps = {}, time.perf_counter(), 0
-        if evaluate is not None and (last or (cfg.eval_every and state.step % cfg.eval_every == 0)):
-            val = evaluate(accelerator.unwrap_model(model))
-            accelerator.log(val, step=state.step)
-            if cfg.export_best and best_metric is not None and val[best_metric] < state.best_value:
-                state.best_step, state.best_value = state.step, float(val[best_metric])
-                if accelerator.is_main_process:
-                    _save_weights(accelerator.unwrap_model(model), stage_dir / BEST_WEIGHTS)
-        if snapshot is not None and (last or (cfg.image_every and state.step % cfg.image_every == 0)):
-            snapshot(accelerator.unwrap_model(model), state.step)
+        due_eval = evaluate is not None and (last or (cfg.eval_every and state.step % cfg.eval_every == 0))
+        due_snapshot = snapshot is not None and (last or (cfg.image_every and state.step % cfg.image_every == 0))
+        if due_eval or due_snapshot:
+            # What is measured and drawn is what the stage would export: the average, if any.
+            with _with_average(ema, raw_model) as shown:
+                if due_eval:
+                    val = evaluate(shown)
+                    accelerator.log(val, step=state.step)
+                    if cfg.export_best and best_metric is not None and val[best_metric] < state.best_value:
+                        state.best_step, state.best_value = state.step, float(val[best_metric])
+                        if accelerator.is_main_process:
+                            _save_weights(shown, stage_dir / BEST_WEIGHTS)
+                if due_snapshot:
+                    snapshot(shown, state.step)
         if last or (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0):
             checkpointer.save(state.step, {"loop": state.state_dict(), "scheduler": scheduler.state_dict()})
         if state.step % cfg.log_every == 0:
             window_start = time.perf_counter()  # evaluation and checkpoints do not count as training time
     progress.close()
+    if ema is not None:
+        ema.copy_to(raw_model)
     return state

@@ -1,8 +1,10 @@
-"""Small helpers shared across vqgen: atomic writes, checksums, JSON I/O."""
+"""Small helpers shared across vqgen: atomic writes, checksums, JSON I/O, file locks and verified
+downloads."""
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -10,12 +12,14 @@ import re
 import secrets
 import shutil
 import stat
+import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from safetensors import SafetensorError
+from tqdm.auto import tqdm
 
 from vqgen.errors import StorageError
 
@@ -98,15 +102,16 @@ def storage_errors(path: str | os.PathLike, what: str, cleanup: Callable[[], Non
         raise StorageError(_storage_message(fault, Path(path), what, err)) from err
 
 
-def _new_temp_file(path: Path) -> Path:
-    """An empty new file beside ``path`` (same filesystem, so the rename is atomic).
+def _new_temp_file(path: Path, suffix: str = ".tmp") -> Path:
+    """An empty new file beside ``path`` (same filesystem, so the rename is atomic), named
+    ``.NAME.<random>SUFFIX``.
 
     Created with mode 0o666, which the kernel masks with the umask exactly as for ``open()``:
     ``tempfile.mkstemp``'s 0o600 would make every output readable by its owner only, and runs
     are often shared by a team.
     """
     while True:
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}{suffix}")
         try:
             os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
             return tmp
@@ -198,3 +203,75 @@ def check_writable(folder: str | os.PathLike, what: str) -> None:
         probe = folder / f".vqgen-write-probe-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
+
+
+@contextmanager
+def file_lock(path: str | os.PathLike) -> Iterator[None]:
+    """An exclusive ``flock`` on ``path`` for the block; the kernel drops it if the process dies.
+
+    The lock file stays: deleting it would let a process still waiting on the old file and one
+    that opens a new file at the same name both hold "the" lock.
+    """
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+DOWNLOAD_TIMEOUT_S = 60
+"""Seconds without a byte before a download counts as failed (per socket operation, not in total)."""
+_DOWNLOAD_CHUNK_BYTES = 1 << 20
+
+
+def download_verified(url: str, destination: Path, check: Callable[[str], None], *, progress: bool = True) -> None:
+    """Download ``url`` into a temporary file beside ``destination`` and move it there once
+    ``check(sha256 hex digest of the bytes)`` returns (it raises to refuse them): a reader sees no
+    file or the whole checked one, never a partial one, and nothing is left behind on failure.
+
+    Network errors propagate as ``OSError`` (``urllib.error.URLError`` included) or
+    ``http.client.HTTPException``; a body shorter than its ``Content-Length`` is a ``ConnectionError``.
+    """
+    tmp = _new_temp_file(destination, suffix=".part")
+    try:
+        digest = _fetch(url, tmp, destination.name if progress else None)
+        check(digest)
+        os.replace(tmp, destination)
+    except BaseException:  # Ctrl-C included: no temporary file is left behind
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def download_once(url: str, destination: Path, check: Callable[[str], None], *, progress: bool = True) -> None:
+    """:func:`download_verified` unless ``destination`` exists. Processes that call this at once
+    for one file download it once: the others wait on a lock beside it (``NAME.lock``), then find it."""
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(destination.with_name(destination.name + ".lock")):
+        if destination.is_file():  # the process that held the lock fetched it
+            return
+        download_verified(url, destination, check, progress=progress)
+
+
+def _fetch(url: str, tmp: Path, label: str | None) -> str:
+    """Stream ``url`` into ``tmp`` (with a progress bar named ``label``, none when ``None``);
+    returns the sha256 of the bytes written."""
+    digest = hashlib.sha256()
+    with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response, open(tmp, "wb") as f:
+        length = response.headers.get("Content-Length")
+        total = int(length) if length and length.isdigit() else None
+        with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"Downloading {label}",
+                  disable=label is None) as bar:
+            received = 0
+            while chunk := response.read(_DOWNLOAD_CHUNK_BYTES):
+                f.write(chunk)
+                digest.update(chunk)
+                received += len(chunk)
+                bar.update(len(chunk))
+        # http.client ends a body that stops short without an error; say so instead of
+        # reporting a checksum mismatch.
+        if total is not None and received != total:
+            raise ConnectionError(f"the connection closed after {received} of {total} bytes")
+        f.flush()
+        os.fsync(f.fileno())
+    return digest.hexdigest()

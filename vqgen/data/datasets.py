@@ -10,6 +10,9 @@ tensor [C,S,S] in [-1, 1] and an int (-1 when the source has no labels). Sources
 - ``npz``: uint8 arrays in an ``.npz`` file (``images`` or ``train_images``/``test_images`` and the
   matching ``labels`` keys).
 - ``folder``: every image file below ``root``, any depth, labels from first-level subfolder names.
+- ``shards``: WebDataset-style tar shards written by ``vqgen data pack`` (or indexed by ``vqgen data
+  index``), in the folder ``root`` or at its ``http(s)://`` URL; read by offset, and trained on a few
+  shards at a time (see :mod:`vqgen.data.shards`).
 
 Where a source has no separate eval split (a folder without ``eval/`` or ``test/``, an ``.npz``
 with a single ``images`` array), a deterministic hold-out is used: every tenth item in sorted
@@ -32,12 +35,13 @@ import numpy as np
 import torch
 from einops import rearrange
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 from torchvision.transforms.v2 import functional as TF
 
 from vqgen.data.folder_index import FolderIndex, ListedFile, scan_image_files
 from vqgen.data.procedural import EVAL_STREAM, TRAIN_STREAM, ProceduralConfig, ProceduralShapes
-from vqgen.configtools import schedule_field
+from vqgen.data.shards import INDEX_JSON, ShardSource, is_url, unfinished_pack_message
+from vqgen.configtools import added_field, location_field, schedule_field
 from vqgen.errors import ConfigError, DataError
 
 Split = Literal["train", "eval"]
@@ -59,10 +63,11 @@ JPEG_TAIL_BYTES = 8192
 class DataConfig:
     """Where the images come from and how they are prepared."""
 
-    kind: Literal["procedural", "cifar10", "mnist", "fashion_mnist", "npz", "folder"] = "procedural"
+    kind: Literal["procedural", "cifar10", "mnist", "fashion_mnist", "npz", "folder", "shards"] = "procedural"
     """Image source; ``procedural`` needs no files."""
     root: str = ""
-    """Dataset root (torchvision kinds), the ``.npz`` file, or the image folder."""
+    """Dataset root (torchvision kinds), the ``.npz`` file, the image folder, or the folder written by
+    ``vqgen data pack`` (``shards``; also an ``http://`` or ``https://`` URL of one)."""
     image_size: int = 32
     """Side of the square images the model sees (a multiple of 8: the top codes are at 1/8)."""
     channels: int = 3
@@ -78,7 +83,14 @@ class DataConfig:
     hflip: bool = False
     """Random horizontal flips at training time."""
     on_corrupt: Literal["error", "skip"] = "error"
-    """A corrupt file in a folder dataset: stop with an error naming it, or skip it and count it."""
+    """A corrupt file in a folder dataset: stop with an error naming it, or skip it and count it (an
+    image of a pack that does not decode: an error naming shard and member, or the next one instead)."""
+    shuffle_window_shards: int = added_field(8)
+    """``shards``: training takes the shards in a random order this many at a time and shuffles
+    their items together (each epoch is still every item once)."""
+    cache_dir: str = location_field("")
+    """``shards`` with a URL root: where its shards are downloaded (empty: ``~/.cache/vqgen/shards/``
+    and the first 16 hex digits of the URL's sha256, under ``$XDG_CACHE_HOME`` when set)."""
 
     # The procedural set's options sat at this level before they became their own section.
     MOVED_KEYS: ClassVar[dict[str, str]] = {
@@ -97,6 +109,8 @@ class DataConfig:
         for name in ("num_train", "num_eval"):
             if getattr(self, name) < 0:
                 raise ConfigError(name, f"must be >= 0, got {getattr(self, name)}")
+        if self.shuffle_window_shards < 1:
+            raise ConfigError("shuffle_window_shards", f"must be >= 1, got {self.shuffle_window_shards}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -160,7 +174,12 @@ class ImageTransform:
 
 
 class ImageSource(Protocol):
-    """What :class:`ImageDataset` needs from a source: items as uint8 arrays plus class metadata."""
+    """What :class:`ImageDataset` needs from a source: items as uint8 arrays plus class metadata.
+
+    A source may also offer its own training order, ``train_sampler(seed, length) -> Sampler``
+    over its first ``length`` items (the shards kind: a few shards at a time); see
+    :meth:`ImageDataset.train_sampler`.
+    """
 
     num_classes: int
     class_names: tuple[str, ...]
@@ -656,6 +675,12 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return self.length
 
+    def train_sampler(self, seed: int) -> Sampler[int] | None:
+        """The source's own training order over this dataset's items, when it has one (a source's
+        ``train_sampler(seed, length)``: shards read a few at a time); ``None``: shuffle uniformly."""
+        make = getattr(self.source, "train_sampler", None)
+        return None if make is None else make(seed, self.length)
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         if not 0 <= index < self.length:
             raise IndexError(f"index {index} out of range for a dataset of {self.length} images")
@@ -672,8 +697,13 @@ def _procedural_source(cfg: DataConfig, split: Split) -> ProceduralShapes:
 
 def check_data_root(cfg: DataConfig) -> None:
     """A DataError when ``data.root`` does not exist and nothing will fetch it: cheap (one stat), so
-    a run checks it before its first stage rather than when a later stage opens the data."""
+    a run checks it before its first stage rather than when a later stage opens the data. A pack
+    must also be finished (hold its ``index.json``); a URL is not checked (no network here)."""
+    if cfg.kind == "shards" and is_url(cfg.root):
+        return
     if cfg.kind == "procedural" or Path(cfg.root).exists() or (cfg.kind in _TORCHVISION_CLASSES and cfg.download):
+        if cfg.kind == "shards" and not (Path(cfg.root) / INDEX_JSON).is_file():
+            raise DataError(unfinished_pack_message(cfg.root))
         return
     raise DataError(f"data root not found: {cfg.root} (data.kind = {cfg.kind!r})"
                     + ("; set data.download = true to fetch it" if cfg.kind in _TORCHVISION_CLASSES else ""))
@@ -687,14 +717,16 @@ def build_source(cfg: DataConfig, split: Split, index_dir: Path | None = None) -
     if cfg.kind == "procedural":
         return _procedural_source(cfg, split)
     check_data_root(cfg)
-    root = Path(cfg.root)
     if cfg.kind in _TORCHVISION_CLASSES:
         return torchvision_source(cfg, split)
     if cfg.kind == "npz":
         return npz_source(cfg, split)
     limit = cfg.num_train if split == "train" else cfg.num_eval
-    return FolderSource(root, split, cfg.on_corrupt, mode="L" if cfg.channels == 1 else "RGB", limit=limit,
-                        cache_dir=index_dir)
+    mode = "L" if cfg.channels == 1 else "RGB"
+    if cfg.kind == "shards":
+        return ShardSource(cfg.root, split, mode, cfg.on_corrupt, cache_dir=cfg.cache_dir, limit=limit,
+                           window_shards=cfg.shuffle_window_shards)
+    return FolderSource(Path(cfg.root), split, cfg.on_corrupt, mode=mode, limit=limit, cache_dir=index_dir)
 
 
 def build_dataset(cfg: DataConfig, split: Split, augment: bool = False, index_dir: Path | None = None) -> ImageDataset:

@@ -11,28 +11,22 @@ checked tensors lives here too, so :mod:`vqgen.metrics.fid` only deals with imag
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import http.client
 import math
 import os
 import posixpath
 import re
-import secrets
 import tempfile
 import urllib.parse
-import urllib.request
 import warnings
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
-
 from vqgen.errors import CheckpointError
-from vqgen.utils import sha256_file
+from vqgen.utils import download_once, sha256_file
 
 INCEPTION_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = (
@@ -68,9 +62,6 @@ INCEPTION_TENSORS_SHA256 = "acfa230643f38c90d8a3db66aebb4a6f868cba6fd57959b1c969
 
 # torch hub's naming: "<name>-<first 8+ hex digits of the file's sha256>.<ext>".
 _HASH_IN_NAME = re.compile(r"-([0-9a-f]{8,64})\.[^.]+$")
-# Seconds without a byte before a download counts as failed (per socket operation, not in total).
-_DOWNLOAD_TIMEOUT_S = 60
-_CHUNK_BYTES = 1 << 20
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,77 +192,19 @@ def _missing_weights_message(url: str, reason: str) -> str:
 
 
 def _download_once(url: str, destination: Path) -> None:
-    """Fetch ``url`` to ``destination`` unless another process did so while this one waited."""
+    """Fetch ``url`` to ``destination`` unless another process did so while this one waited; the
+    file is moved there only if its sha256 starts with the prefix its name carries."""
     prefix = expected_sha256_prefix(url)  # refused before any network access
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    with _file_lock(destination.with_name(destination.name + ".lock")):
-        if destination.is_file():  # the process that held the lock fetched it
-            return
-        _download_verified(url, destination, prefix)
 
-
-@contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """An exclusive ``flock`` on ``path`` for the block; the kernel drops it if the process dies.
-
-    The lock file stays: deleting it would let a process still waiting on the old file and one
-    that opens a new file at the same name both hold "the" lock.
-    """
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
-
-
-def _download_verified(url: str, destination: Path, prefix: str) -> None:
-    """Download into a temporary file beside ``destination`` and move it there only if its sha256
-    starts with ``prefix``: a reader sees no file or the whole verified one, never a partial one."""
-    tmp = _new_temp_file(destination)
-    try:
-        digest = _fetch(url, tmp)
+    def check(digest: str) -> None:
         if not digest.startswith(prefix):
             raise CheckpointError(
                 f"{url}: the downloaded file's sha256 is {digest}, expected one starting with {prefix} "
                 "(the digits in its name); it was discarded. The URL serves another file, or the "
                 "transfer was corrupted: check the URL or try again"
             )
-        os.replace(tmp, destination)
-    except BaseException:  # Ctrl-C included: no temporary file is left behind
-        tmp.unlink(missing_ok=True)
-        raise
 
-
-def _new_temp_file(destination: Path) -> Path:
-    """An empty file beside ``destination`` (same filesystem, so ``os.replace`` is atomic).
-
-    Created 0666 less the umask (as a plain ``open()``), unlike ``tempfile.mkstemp``'s 0600: the cache is often shared.
-    """
-    tmp = destination.with_name(f".{destination.name}.{os.getpid()}.{secrets.token_hex(4)}.part")
-    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-    return tmp
-
-
-def _fetch(url: str, tmp: Path) -> str:
-    """Stream ``url`` into ``tmp``, with a progress bar; returns the sha256 of the bytes written."""
-    digest = hashlib.sha256()
-    with urllib.request.urlopen(url, timeout=_DOWNLOAD_TIMEOUT_S) as response, open(tmp, "wb") as f:
-        length = response.headers.get("Content-Length")
-        total = int(length) if length and length.isdigit() else None
-        with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
-                  desc=f"Downloading {_url_file_name(url)}") as bar:
-            while chunk := response.read(_CHUNK_BYTES):
-                f.write(chunk)
-                digest.update(chunk)
-                bar.update(len(chunk))
-        # http.client ends a body that stops short without an error; say so instead of
-        # reporting a checksum mismatch.
-        if total is not None and bar.n != total:
-            raise ConnectionError(f"the connection closed after {bar.n} of {total} bytes")
-        f.flush()
-        os.fsync(f.fileno())
-    return digest.hexdigest()
+    download_once(url, destination, check)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -207,6 +207,7 @@ class LayerCache:
     link: torch.Tensor  # [B, 2C, 1, W]: link features of the vertical row above the current code row
     bias_v: torch.Tensor | None  # [B, 2C, 1, W]: the current row's vertical bias, used once the row is complete
     bias_h: torch.Tensor | None  # [B, 2C, 1, W]: the current row's horizontal bias
+    row_pre: torch.Tensor  # [W, B, 2C]: per column of the current row, link + horizontal bias + conv bias
 
 
 class GatedLayer(nn.Module):
@@ -300,7 +301,7 @@ class GatedLayer(nn.Module):
         biases = self.biases(labels, features)
         bias_v, bias_h = (None if b is None else b.expand(-1, -1, 1, width).clone() for b in biases)
         cache = LayerCache(new(batch_size, c, s + 1, width + 2 * s), new(batch_size, c, s + 1),
-                           new(batch_size, 2 * c, 1, width), bias_v, bias_h)
+                           new(batch_size, 2 * c, 1, width), bias_v, bias_h, new(width, batch_size, 2 * c))
         self.reset_cache(cache)
         return cache
 
@@ -317,6 +318,10 @@ class GatedLayer(nn.Module):
             if buffer is not None:
                 buffer.copy_(bias)
         cache.horizontal.zero_()
+        # Everything the row's steps add to the window's product, summed once per row rather than
+        # once per position; column-major so that a step reads one contiguous [B, 2C] slice.
+        added = cache.link if cache.bias_h is None else cache.link + cache.bias_h
+        cache.row_pre.copy_(rearrange(added, "b c 1 w -> w b c") + self.horizontal.bias)
 
     def finish_row(self, cache: LayerCache, row: torch.Tensor) -> torch.Tensor:
         """Push the completed input row ``[B, C, 1, W]`` into the vertical window and compute the next
@@ -334,10 +339,11 @@ class GatedLayer(nn.Module):
         Returns ``(h [B, C], skip [B, C])``."""
         if h is not None:
             _push_column(cache.horizontal, h)
-        link = cache.link.index_select(3, col).flatten(1)  # [B, 2C]
-        bias = None if cache.bias_h is None else cache.bias_h.index_select(3, col).flatten(1)
-        pre = self.horizontal(cache.horizontal[:, :, None, :]).flatten(1) + link
-        return self.horizontal_output(pre, bias, h)
+        # The (1, s+1) convolution over the window as one matrix product (a Conv2d call on a 1x(s+1)
+        # input costs about twice as much on a CPU), added to the row's link and biases in the same call.
+        weight = self.horizontal.weight.flatten(1)  # [2C, C*(s+1)], the window's [B, C, s+1] order
+        pre = torch.addmm(cache.row_pre.index_select(0, col).squeeze(0), cache.horizontal.flatten(1), weight.t())
+        return self.horizontal_output(pre, None, h)
 
     def push_code(self, cache: LayerCache, x: torch.Tensor) -> None:
         """First layer: the embedding ``x [B, C]`` of the code just chosen enters the horizontal window."""
