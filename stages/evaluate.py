@@ -144,7 +144,8 @@ def reconstruction_pictures(vqvae, dataset, count: int, device):
 
 
 def _upstream_figures(run_dir: Path) -> dict:
-    """Code usage, the priors' validation bits/dim and the sampling speed, from the earlier stages."""
+    """Code usage, the priors' validation bits/dim, the sampling speed and (with rejection
+    sampling) its acceptance rate, from the earlier stages."""
     figures: dict = {}
     store = run_dir / "codes" / ("eval.lmdb" if (run_dir / "codes" / "eval.lmdb").exists() else "codes.lmdb")
     for level in inspect_store(store)["levels"]:
@@ -154,6 +155,9 @@ def _upstream_figures(run_dir: Path) -> dict:
         figures[f"bits_per_dim_{level}"] = manifest.get("metrics", {}).get("val_bits_per_dim")
     sample_manifest = read_manifest(run_dir / "samples") or {}
     figures["samples_per_sec"] = sample_manifest.get("metrics", {}).get("samples_per_sec")
+    for key in ("acceptance_rate", "mean_intended_probability"):  # rejection sampling, when it was on
+        if key in sample_manifest.get("metrics", {}):
+            figures[f"sample_{key}"] = sample_manifest["metrics"][key]
     return figures
 
 

@@ -8,21 +8,30 @@ same models and settings give them this stage's images. Each finished batch is s
 (``samples/parts/``), so an interrupted run resumes at the next unfinished batch. The end product:
 ``samples/samples.npz`` (uint8 images ``[N, C, H, W]`` and labels, streamed from the parts, so
 memory holds one batch) and ``samples/grid.png``.
+
+With ``sample.rejection`` on, the classifier of the train-classifier stage (``RUN/classifier``, then
+one of the stages this one reads) scores every drawn image, and each batch draws candidate rounds
+of its own until it has its images (:mod:`vqgen.rejection`: the images still do not depend on the
+number of processes). The manifest's metrics then hold the acceptance rate (kept / drawn, over
+all batches) and the kept images' mean probability of their intended class.
 """
 
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 
-from vqgen.bundle import COMPONENTS
+from vqgen.bundle import CLASSIFIER, COMPONENTS
 from vqgen.config import SampleStageConfig
 from vqgen.errors import ConfigError
 from vqgen.configtools import split_by_role
-from vqgen.generate import SamplePlan, Samples, VQGen, finish_parts, unfinished_batches, write_parts
+from vqgen.generate import (
+    DrawnBatch, SamplePlan, VQGen, finish_parts, rejection_figures, unfinished_batches, write_parts,
+)
 from vqgen.models.export import load_model, read_export_info
 from vqgen.tracking import log_images
 from vqgen.stage import Stage, StageResult
@@ -40,11 +49,16 @@ def parts_key(cfg: SampleStageConfig) -> str:
 def stage_plan(cfg: SampleStageConfig) -> SamplePlan:
     """The stage's settings as the library's plan (``label = -1``: labels drawn uniformly)."""
     return SamplePlan(num_samples=cfg.num_samples, batch_size=cfg.batch_size, seed=cfg.seed, top=cfg.top,
-                      bottom=cfg.bottom, labels=(cfg.label,) if cfg.label >= 0 else ())
+                      bottom=cfg.bottom, labels=(cfg.label,) if cfg.label >= 0 else (), rejection=cfg.rejection)
 
 
-def _models_key(run_dir: Path) -> str:
-    return "".join(read_export_info(run_dir / d)["sha256"] for d in COMPONENTS)
+def model_dirs(cfg: SampleStageConfig) -> tuple[str, ...]:
+    """The run's model folders this stage reads: the classifier's only with rejection sampling."""
+    return (*COMPONENTS, CLASSIFIER) if cfg.rejection.active else COMPONENTS
+
+
+def _models_key(run_dir: Path, cfg: SampleStageConfig) -> str:
+    return "".join(read_export_info(run_dir / d)["sha256"] for d in model_dirs(cfg))
 
 
 def _reset_parts_if_stale(parts: Path, key: str) -> None:
@@ -56,10 +70,19 @@ def _reset_parts_if_stale(parts: Path, key: str) -> None:
     atomic_write_bytes(stamp, key.encode())
 
 
-def sample_batch(cfg: SampleStageConfig, models: VQGen, batch: int, n: int, device, progress: bool = False) -> Samples:
+def sample_batch(cfg: SampleStageConfig, models: VQGen, batch: int, n: int, device,
+                 progress: bool = False) -> DrawnBatch:
     """Global batch ``batch`` (``n`` images, on ``device``: what the plan and the models give) drawn
     by the library's one batch function; the stage's hook, which tests wrap to count batches."""
-    return models.draw_batch(stage_plan(cfg), batch, progress=progress)
+    return models.draw(stage_plan(cfg), batch, progress=progress)
+
+
+def _naming_key(key: str, check: Callable[[], object]) -> None:
+    """``check()``, its ConfigError naming the config key ``key`` rather than the API's argument."""
+    try:
+        check()
+    except ConfigError as err:
+        raise ConfigError(key, str(err).split(": ", 1)[1]) from None
 
 
 def run(sections: dict, run_dir: Path, accelerator: Accelerator) -> StageResult:
@@ -68,19 +91,18 @@ def run(sections: dict, run_dir: Path, accelerator: Accelerator) -> StageResult:
     stage_dir = run_dir / DIR
     parts = stage_dir / "parts"
     if accelerator.is_main_process:
-        _reset_parts_if_stale(parts, parts_key(cfg) + _models_key(run_dir))
+        _reset_parts_if_stale(parts, parts_key(cfg) + _models_key(run_dir, cfg))
     accelerator.wait_for_everyone()
     device, main = accelerator.device, accelerator.is_main_process
     models = VQGen(*(load_model(run_dir / d, device=device)[0] for d in COMPONENTS),
+                   classifier=load_model(run_dir / CLASSIFIER, device=device)[0] if cfg.rejection.active else None,
                    cached=cfg.cached, cuda_graphs=cfg.cuda_graphs)
     if cfg.label >= 0:
-        try:
-            models.class_labels(cfg.label)
-        except ConfigError as err:  # name the config key, not the API's argument
-            raise ConfigError("sample.label", str(err).split(": ", 1)[1]) from None
+        _naming_key("sample.label", lambda: models.class_labels(cfg.label))
+    _naming_key("sample.rejection", lambda: models.check_plan(plan))
     todo = unfinished_batches(parts, plan, accelerator.process_index, accelerator.num_processes)
 
-    def draw(batch: int) -> Samples:
+    def draw(batch: int) -> DrawnBatch:
         return sample_batch(cfg, models, batch, len(plan.batch_indices(batch)), device, progress=main)
 
     made, seconds = write_parts(parts, todo, draw, progress=main)
@@ -93,8 +115,14 @@ def run(sections: dict, run_dir: Path, accelerator: Accelerator) -> StageResult:
     if main:
         content["samples.npz"] = finish_parts(parts, plan, stage_dir, cfg.grid_size)
         log_images(accelerator, {"samples": stage_dir / "grid.png"})
+        metrics.update(rejection_figures(parts, plan))  # from the parts: the same for any process count
     return StageResult({"samples": "samples.npz", "grid": "grid.png", "count": cfg.num_samples}, metrics,
                        files=("samples.npz",), content=content)
 
 
-STAGES = (Stage("sample", DIR, ("run", "sample"), ("train-vqvae", "train-prior-top", "train-prior-bottom"), run),)
+def _rejection_upstream(sections: dict) -> tuple[str, ...]:
+    return ("train-classifier",) if sections["sample"].rejection.active else ()
+
+
+STAGES = (Stage("sample", DIR, ("run", "sample"), ("train-vqvae", "train-prior-top", "train-prior-bottom"), run,
+                conditional_upstream=_rejection_upstream),)

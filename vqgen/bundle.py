@@ -10,6 +10,8 @@ Hugging Face Hub model repository, so it can be pushed as it is::
       vqvae/          config.json (the model export's JSON) + model.safetensors
       prior-top/      the same
       prior-bottom/   the same
+      classifier/     the same, when the run trained one (train-classifier): the scorer of
+                      rejection sampling (``vqgen sample --threshold``, ``--keep-fraction``)
 
 Loading reads JSON and safetensors only: nothing in the files is executed or unpickled.
 """
@@ -23,7 +25,7 @@ import tempfile
 from dataclasses import dataclass, field
 from functools import cached_property, partial
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -32,6 +34,8 @@ from vqgen.models.export import load_model, read_export_info
 from vqgen.utils import atomic_write_json, atomic_write_text, storage_errors
 
 COMPONENTS = ("vqvae", "prior-top", "prior-bottom")
+CLASSIFIER = "classifier"
+"""The optional component: the classifier that scores samples for rejection sampling."""
 FORMAT = "vqgen-bundle"
 FORMAT_VERSION = 1
 NORMALIZATION = {"range": [-1.0, 1.0], "from_uint8": "x / 127.5 - 1", "to_uint8": "round((x + 1) / 2 * 255)"}
@@ -82,8 +86,19 @@ def is_bundle(root: Path) -> bool:
         return False
 
 
-def load_components(path: str | Path, device: str | torch.device = "cpu"):
-    """``(vqvae, prior_top, prior_bottom, ModelInfo)`` of a run folder, a bundle or a Hub repo id.
+class Components(NamedTuple):
+    """What :func:`load_components` loads."""
+
+    vqvae: torch.nn.Module
+    prior_top: torch.nn.Module
+    prior_bottom: torch.nn.Module
+    classifier: torch.nn.Module | None
+    """The rejection-sampling classifier, when the run trained one (None otherwise)."""
+    info: ModelInfo
+
+
+def load_components(path: str | Path, device: str | torch.device = "cpu") -> Components:
+    """The models of a run folder, a bundle or a Hub repo id (the classifier when there is one).
 
     The models are checked against each other (codebook sizes, code map shapes): a component from
     another run is a :class:`CheckpointError` naming it, as are a missing component and weights that
@@ -91,17 +106,24 @@ def load_components(path: str | Path, device: str | torch.device = "cpu"):
     """
     root = resolve(path)
     if (root / "vqvae" / "model.json").exists():
-        models, checksums = _load_checked(_load_run_component, root, device)
+        load = _load_run_component
+        models, checksums = _load_checked(load, root, device)
         names = partial(run_class_names, root)
+        has_classifier = (root / CLASSIFIER / "model.json").exists()
     elif is_bundle(root):
-        models, checksums = _load_checked(_load_bundle_component, root, device)
+        load = _load_bundle_component
+        models, checksums = _load_checked(load, root, device)
         meta = json.loads((root / "config.json").read_text())
         _check_bundle_config(meta, *models[:2], root)
         names = partial(tuple, meta.get("class_names", ()))
+        has_classifier = CLASSIFIER in meta.get("components", {})
     else:
         raise CheckpointError(f"{root}: neither a run folder (no vqvae/model.json) nor a model bundle "
                               f"(no config.json of format {FORMAT!r}; make one with `vqgen export RUN OUT`)")
-    return (*models, ModelInfo(str(path), checksums, names))
+    classifier = None
+    if has_classifier:
+        classifier, checksums[CLASSIFIER] = load(root, CLASSIFIER, device)
+    return Components(*models, classifier, ModelInfo(str(path), checksums, names))
 
 
 def _load_checked(load: Callable, root: Path, device) -> tuple[list[torch.nn.Module], dict[str, str]]:
@@ -151,6 +173,23 @@ def check_compatible(vqvae, prior_top, prior_bottom, where: Path) -> None:
                               f"shapes): {'; '.join(problems)}")
 
 
+def classifier_mismatch(classifier, vqvae, prior_top) -> str | None:
+    """Why ``classifier`` cannot score the generator's images (other channels, size or classes),
+    or None when it can."""
+    layout, side = classifier.layout, 8 * prior_top.layout.shape[0]
+    classes = prior_top.layout.num_classes
+    problems = [
+        f"it reads {layout.in_channels}-channel images, the VQ-VAE makes {vqvae.config.in_channels}"
+        * (layout.in_channels != vqvae.config.in_channels),
+        f"it reads {layout.image_size}x{layout.image_size} images, the priors make {side}x{side}"
+        * (layout.image_size != side),
+        f"it has {layout.num_classes} classes, the priors {classes}"
+        * (bool(classes) and layout.num_classes != classes),
+    ]
+    problems = [p for p in problems if p]
+    return "; ".join(problems) if problems else None
+
+
 def _check_bundle_config(meta: dict, vqvae, prior_top, root: Path) -> None:
     """The top-level config.json describes these models (it is what users read the images by)."""
     expected = describe(vqvae, prior_top)
@@ -182,9 +221,13 @@ def run_class_names(run_dir: Path) -> tuple[str, ...]:
 def export_bundle(run_dir: Path, out: Path) -> Path:
     """Write the bundle of ``run_dir`` to ``out`` (a new or empty folder, or an older bundle, which
     is replaced); the bundle is built beside ``out`` and renamed into place."""
-    vqvae, top, bottom, info = load_components(run_dir)
+    vqvae, top, bottom, classifier, info = load_components(run_dir)
     if not (run_dir / "vqvae" / "model.json").exists():
         raise CheckpointError(f"{run_dir}: export takes a run folder (this is already a bundle)")
+    if classifier is not None and (problem := classifier_mismatch(classifier, vqvae, top)):
+        raise CheckpointError(f"{run_dir / CLASSIFIER}: the classifier does not fit the generator ({problem}): "
+                              "run train-classifier again, or move the folder away to export without it")
+    components = (*COMPONENTS, CLASSIFIER) if classifier is not None else COMPONENTS
     if out.exists() and any(out.iterdir()) and not is_bundle(out):
         raise VQGenError(f"{out}: a non-empty folder that is not a model bundle: export into a new folder")
     with storage_errors(out, f"bundle {out}"):
@@ -192,13 +235,14 @@ def export_bundle(run_dir: Path, out: Path) -> Path:
         staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
         staging.chmod(0o777 & ~_umask())  # mkdtemp's 0o700 would hide the bundle from colleagues
     with storage_errors(out, f"bundle {out}", cleanup=lambda: shutil.rmtree(staging, ignore_errors=True)):
-        for component in COMPONENTS:
+        for component in components:
             (staging / component).mkdir()
             shutil.copyfile(run_dir / component / "model.safetensors", staging / component / "model.safetensors")
             atomic_write_json(staging / component / "config.json", read_export_info(run_dir / component))
         meta = bundle_config(vqvae, top, info)
         atomic_write_json(staging / "config.json", meta)
-        atomic_write_text(staging / "README.md", model_card(run_dir, meta, (vqvae, top, bottom)))
+        models = (vqvae, top, bottom, classifier) if classifier is not None else (vqvae, top, bottom)
+        atomic_write_text(staging / "README.md", model_card(run_dir, meta, models))
         if out.exists():
             shutil.rmtree(out)
         staging.replace(out)
@@ -215,7 +259,9 @@ def bundle_config(vqvae, prior_top, info: ModelInfo) -> dict:
     """The bundle's top-level ``config.json``: what a user needs to read its images."""
     names = info.class_names if len(info.class_names) == prior_top.layout.num_classes else ()
     return {"format": FORMAT, "version": FORMAT_VERSION, "library_name": "vqgen", **describe(vqvae, prior_top),
-            "class_names": list(names), "components": {c: {"path": c, "sha256": info.sha256[c]} for c in COMPONENTS}}
+            "class_names": list(names),
+            "components": {c: {"path": c, "sha256": info.sha256[c]}
+                           for c in (*COMPONENTS, CLASSIFIER) if c in info.sha256}}
 
 
 def model_card(run_dir: Path, meta: dict, models) -> str:
@@ -225,7 +271,7 @@ def model_card(run_dir: Path, meta: dict, models) -> str:
     cfg = load_config(run_dir / "config.toml")
     data = cfg.data
     steps = {"vqvae": cfg.vqvae.train.steps, "prior-top": cfg.prior.top.train.steps,
-             "prior-bottom": cfg.prior.bottom.train.steps}
+             "prior-bottom": cfg.prior.bottom.train.steps, CLASSIFIER: cfg.classifier.train.steps}
     classes = ", ".join(meta["class_names"]) or (f"{meta['num_classes']} (unnamed)" if meta["num_classes"] else "none")
     lines = [
         "---", "library_name: vqgen", "tags: [image-generation, vq-vae-2, pixelcnn]", "---", "",
@@ -239,14 +285,27 @@ def model_card(run_dir: Path, meta: dict, models) -> str:
         "## Training", "",
         "| component | steps | parameters | sha256 |", "|---|---|---|---|",
         *(f"| {c} | {steps[c]} | {sum(p.numel() for p in m.parameters()):,} | `{meta['components'][c]['sha256'][:16]}` |"
-          for c, m in zip(COMPONENTS, models)),
-        "", *_metrics_lines(run_dir / "eval" / "metrics.json"),
+          for c, m in zip((*COMPONENTS, CLASSIFIER), models)),
+        "", *_classifier_lines(run_dir / CLASSIFIER, len(models) > len(COMPONENTS)),
+        *_metrics_lines(run_dir / "eval" / "metrics.json"),
         "## Use", "", "```python", "from vqgen import VQGen", "",
         'gen = VQGen.from_pretrained("PATH_OR_REPO_ID")',
         "images, labels = gen.sample(16, seed=0)  # uint8 [16, C, H, W]", "```", "",
         "or `vqgen sample PATH_OR_REPO_ID --num 1000 --out samples/`.", "",
     ]
     return "\n".join(lines)
+
+
+def _classifier_lines(folder: Path, included: bool) -> list[str]:
+    """The model card's note on the bundled classifier: what it is for and its eval accuracy."""
+    if not included:
+        return []
+    from vqgen.manifest import read_manifest
+
+    accuracy = (read_manifest(folder) or {}).get("metrics", {}).get("val_accuracy")
+    figure = f" Its accuracy on the evaluation split: {accuracy:.4f}." if isinstance(accuracy, float) else ""
+    return ["The `classifier` component scores samples for classifier-based rejection sampling "
+            f"(`vqgen sample PATH --threshold 0.9` or `--keep-fraction 0.5`).{figure}", ""]
 
 
 def _metrics_lines(path: Path) -> list[str]:

@@ -5,6 +5,7 @@
     vqgen config pipelines/demo.toml [--set ...]        # print the resolved config
     vqgen codes inspect runs/demo                         # counts, shapes, code usage
     vqgen sample runs/demo|BUNDLE|HUB_ID --num 1000 --out generated/ [--class 3,7] [--seed 0]  # images from a trained model
+    vqgen sample runs/demo --num 1000 --out kept/ --threshold 0.9  # rejection sampling (or --keep-fraction 0.5)
     vqgen export runs/demo bundles/demo                   # the trained models as one Hub-style folder
     vqgen score samples.npz|DIR --config pipelines/cifar10.toml [--set ...]   # metrics of any images
     vqgen score samples.npz|DIR --against real_dir|other.npz|stats.npz [--config ...]
@@ -22,7 +23,7 @@ import argparse
 import errno
 import sys
 
-from vqgen.errors import VQGenError
+from vqgen.errors import ConfigError, VQGenError
 
 PRIOR_SHORTHAND = "train-prior"  # `stage train-prior --level top` names `train-prior-top`
 
@@ -95,6 +96,13 @@ def _add_generation_commands(sub) -> None:
     gen.add_argument("--out", required=True, help="a new folder (a rerun into it resumes)")
     gen.add_argument("--format", default="png,npz", help="png (one file per image), npz (samples.npz), or both")
     gen.add_argument("--bf16", action="store_true", help="decode under bf16 autocast where supported")
+    rejection = gen.add_mutually_exclusive_group()
+    rejection.add_argument("--threshold", type=float, help="rejection sampling with the model's classifier: keep "
+                                                           "an image when its class's probability is >= this")
+    rejection.add_argument("--keep-fraction", type=float, help="rejection sampling: keep the best fraction of "
+                                                               "each batch's candidates, class by class")
+    gen.add_argument("--max-draw-factor", type=float, help="rejection sampling: give up when a batch would draw "
+                                                           "more than this many times its images (default 20)")
     export = sub.add_parser("export", help="write a run's models as one bundle folder (Hub layout, model card)")
     export.add_argument("run_dir")
     export.add_argument("out_dir")
@@ -159,11 +167,22 @@ def _sample(args) -> None:
                          "(use --class-names for names)") from None
     labels = [n.strip() for n in args.class_names.split(",")] if args.class_names else labels
     gen = VQGen.from_pretrained(args.model, device=process_state().device, bf16=args.bf16)
-    plan = gen.plan(args.num, labels=labels, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                    seed=args.seed, batch_size=args.batch)
+    try:
+        plan = gen.plan(args.num, labels=labels, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                        seed=args.seed, batch_size=args.batch, threshold=args.threshold,
+                        keep_fraction=args.keep_fraction, max_draw_factor=args.max_draw_factor)
+    except ConfigError as err:  # name the flag, not the API's argument
+        flags = {"rejection": "--threshold" if args.threshold is not None else "--keep-fraction",
+                 "threshold": "--threshold", "keep_fraction": "--keep-fraction",
+                 "max_draw_factor": "--max-draw-factor"}
+        if err.key not in flags:
+            raise
+        raise ConfigError(flags[err.key], str(err).split(": ", 1)[1]) from None
     manifest = sample_to_folder(gen, plan, Path(args.out), formats=formats)
     if process_state().is_main_process:
-        print(f"{args.out}: {manifest['count']} images ({manifest.get('samples_per_sec', '-')} samples/s)")
+        kept = manifest.get("rejection", {}).get("acceptance_rate")
+        acceptance = f", acceptance rate {kept:.3f}" if kept is not None else ""
+        print(f"{args.out}: {manifest['count']} images ({manifest.get('samples_per_sec', '-')} samples/s{acceptance})")
 
 
 def _export(run_dir: str, out_dir: str) -> None:

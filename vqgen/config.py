@@ -11,11 +11,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from vqgen.configtools import apply_overrides, from_dict, load_toml, location_field, schedule_field, to_dict, to_toml
+from vqgen.configtools import (
+    apply_overrides, from_dict, load_toml, location_field, schedule_field, switch_field, to_dict, to_toml,
+)
 from vqgen.data.datasets import DataConfig
 from vqgen.errors import ConfigError
+from vqgen.models.classifier import ClassifierConfig
 from vqgen.models.pixelcnn import PriorConfig
 from vqgen.models.vqvae2 import VQVAEConfig
+from vqgen.rejection import RejectionConfig
 from vqgen.sampling import SamplerConfig
 from vqgen.tracking import TrackerKind
 from vqgen.train import TrainConfig
@@ -96,6 +100,32 @@ class PriorsConfig:
 
 
 @dataclass(kw_only=True)
+class ClassifierStageConfig:
+    """train-classifier: the image classifier that scores samples for rejection sampling
+    (``sample.rejection``), trained on the labelled training split."""
+
+    enabled: bool = switch_field(False)
+    """True: the pipeline trains it (off by default: only rejection sampling reads it). Neither
+    defines nor schedules the stage: a classifier trained while switched off stays up to date."""
+    model: ClassifierConfig = field(default_factory=ClassifierConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    hflip: bool = False
+    """Random horizontal flips of the training images (the classifier's own: ``data.hflip`` is the
+    VQ-VAE's)."""
+    max_shift: int = 0
+    """Random translations of the training images by up to this many pixels each way (the image
+    padded by reflection, then cropped back; 0: off)."""
+    eval_batches: int = 0
+    """Validation batches for accuracy and loss during training (0: the whole eval split; the
+    export's figures are always over the whole split)."""
+
+    def __post_init__(self):
+        for name in ("max_shift", "eval_batches"):
+            if getattr(self, name) < 0:
+                raise ConfigError(name, f"must be >= 0, got {getattr(self, name)}")
+
+
+@dataclass(kw_only=True)
 class SampleStageConfig:
     """sample: ancestral sampling of top codes, bottom codes, then decoding."""
 
@@ -113,6 +143,9 @@ class SampleStageConfig:
     seed: int = 0
     grid_size: int = schedule_field(64)
     """Samples shown in ``samples/grid.png``."""
+    rejection: RejectionConfig = field(default_factory=RejectionConfig)
+    """Classifier-based rejection sampling, scored by the train-classifier stage's classifier
+    (which must then be switched on or have finished): ``mode`` "threshold" or "keep_fraction"."""
 
     def __post_init__(self):
         if self.num_samples < 1 or self.batch_size < 1:
@@ -176,6 +209,7 @@ class PipelineConfig:
     vqvae: VQVAEStageConfig = field(default_factory=VQVAEStageConfig)
     codes: CodesStageConfig = field(default_factory=CodesStageConfig)
     prior: PriorsConfig = field(default_factory=PriorsConfig)
+    classifier: ClassifierStageConfig = field(default_factory=ClassifierStageConfig)
     sample: SampleStageConfig = field(default_factory=SampleStageConfig)
     evaluate: EvaluateStageConfig = field(default_factory=EvaluateStageConfig)
 

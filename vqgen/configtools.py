@@ -49,12 +49,20 @@ def location_field(default: Any) -> Any:
     return dataclasses.field(default=default, metadata={LOCATION: True})
 
 
-def added_field(default: Any) -> Any:
+def added_field(default: Any, *, schedule: bool = False) -> Any:
     """A defining field added to a section after runs were made with it: left out of the stage's
     definition while it holds its default (what the code did before the field existed), so that
     upgrading vqgen does not restart finished stages; any other value defines the result as a
-    plain field does."""
-    return dataclasses.field(default=default, metadata={ADDED: True})
+    plain field does. ``schedule=True``: a scheduling field added so (left out of the schedule at
+    its default, so that finished stages stay up to date rather than continue)."""
+    return dataclasses.field(default=default, metadata={ADDED: True, SCHEDULE: schedule})
+
+
+def switch_field(default: bool) -> Any:
+    """Whether the pipeline runs a stage at all (``classifier.enabled``): neither defines nor
+    schedules its result, so a stage trained with ``vqgen stage`` while switched off, or switched
+    off and on again, is still up to date."""
+    return dataclasses.field(default=default, metadata={LOCATION: True})
 
 
 def split_by_role(cfg: Any) -> tuple[dict[str, Any], dict[str, Any]]:

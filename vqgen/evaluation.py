@@ -6,6 +6,8 @@ processes, so every rank returns the same numbers.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from accelerate import Accelerator
 
@@ -88,3 +90,37 @@ def prior_bits_per_dim(model, loader, accelerator: Accelerator, level: str, cond
             nll += torch.nn.functional.cross_entropy(logits.float(), codes, reduction="sum")
             count += codes.numel()
     return bits_per_dim(accelerator.reduce(nll, "sum") / accelerator.reduce(count, "sum")).item()
+
+
+def classifier_loss_fn(augment: Callable[[torch.Tensor], torch.Tensor] | None = None):
+    """train-classifier's micro-batch loss: cross-entropy of the labels (after ``augment`` of the
+    images, when given), with the batch's accuracy to log."""
+
+    def loss_fn(model, batch):
+        images, labels = batch
+        if augment is not None:
+            images = augment(images)
+        logits = model(images).float()
+        loss = torch.nn.functional.cross_entropy(logits, labels)
+        return loss, {"accuracy": (logits.argmax(dim=1) == labels).float().mean()}
+
+    return loss_fn
+
+
+@torch.no_grad()
+def classification_metrics(model, loader, accelerator: Accelerator, max_batches: int = 0) -> dict[str, float]:
+    """Accuracy and mean cross-entropy (nats) of the classifier over the evaluated images, summed
+    on every process and reduced, so each image counts once whatever the number of processes."""
+    device = accelerator.device
+    loss_sum, correct, n = (torch.zeros((), device=device, dtype=torch.float64) for _ in range(3))
+    with eval_mode(model):
+        for i, (images, labels) in enumerate(loader):
+            if max_batches and i >= max_batches:
+                break
+            images, labels = images.to(device), labels.to(device)
+            logits = model(images).float()
+            loss_sum += torch.nn.functional.cross_entropy(logits, labels, reduction="sum").double()
+            correct += (logits.argmax(dim=1) == labels).sum()
+            n += labels.numel()
+    loss_sum, correct, n = (accelerator.reduce(t, "sum").item() for t in (loss_sum, correct, n))
+    return {"val_accuracy": correct / max(n, 1), "val_loss": loss_sum / max(n, 1), "val_images": int(n)}

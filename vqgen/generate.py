@@ -1,9 +1,12 @@
 """A trained generator: the VQ-VAE-2 and its two priors, drawing images batch by batch.
 
-:meth:`VQGen.draw_batch` is the one place a batch is drawn: the pipeline's sample stage,
-:meth:`VQGen.sample` and ``vqgen sample`` all call it, so the same models, seed and settings give
-the same images everywhere. Batch ``b`` of a :class:`SamplePlan` draws from its own CPU generator
-seeded from ``(seed, b)``, so its images depend neither on the device nor on which process draws it.
+:meth:`VQGen.draw` is the one place a batch is drawn (:meth:`VQGen.draw_batch` is its images):
+the pipeline's sample stage, :meth:`VQGen.sample` and ``vqgen sample`` all call it, so the same
+models, seed and settings give the same images everywhere. Batch ``b`` of a :class:`SamplePlan`
+draws from its own CPU generator seeded from ``(seed, b)``, so its images depend neither on the
+device nor on which process draws it. With rejection sampling (``plan.rejection``, scored by the
+run's classifier) a batch draws candidate rounds of its own until its images are accepted
+(:mod:`vqgen.rejection`): the same holds.
 
 Long runs go through :func:`write_parts` (each finished batch saved at once as
 ``parts/batch-NNNNNN.npz``: memory is bounded by a batch, and an interrupted run resumes at the next
@@ -25,14 +28,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from vqgen.bundle import COMPONENTS, ModelInfo, load_components
-from vqgen.data.datasets import to_uint8
+from vqgen.bundle import CLASSIFIER, COMPONENTS, ModelInfo, classifier_mismatch, load_components
+from vqgen.data.datasets import open_npz, read_npz_array, to_uint8
 from vqgen.data.samples import concatenate_samples, first_images, save_samples
 from vqgen.distributed import on_main_process, process_state, shard_indices
 from vqgen.errors import ConfigError, DataError, VQGenError
+from vqgen.rejection import (
+    RejectionConfig, acceptance_summary, fill_batch, intended_probability, rejection_rule, round_generator,
+)
 from vqgen.sampling import SamplerConfig, sample
 from vqgen.utils import atomic_write_json, read_json
 
@@ -45,6 +52,17 @@ class Samples(NamedTuple):
     """uint8 ``[N, C, H, W]`` on the CPU."""
     labels: torch.Tensor
     """int64 ``[N]``: each image's class, -1 when the priors are unconditional."""
+
+
+class DrawnBatch(NamedTuple):
+    """One batch as :meth:`VQGen.draw` makes it: its images and what rejection sampling took."""
+
+    samples: Samples
+    drawn: int
+    """Candidate images drawn for it (its size without rejection sampling)."""
+    scores: torch.Tensor | None
+    """float32 ``[N]``: the classifier's probability of each image's intended class (None
+    without rejection sampling)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -60,6 +78,8 @@ class SamplePlan:
     labels: tuple[int, ...] = ()
     """Sample ``i`` gets ``labels[i % len(labels)]``; empty: each batch draws its labels uniformly
     (class-conditional priors; unconditional ones take no labels)."""
+    rejection: RejectionConfig = field(default_factory=RejectionConfig)
+    """Classifier-based rejection sampling (off by default); see :mod:`vqgen.rejection`."""
 
     def __post_init__(self) -> None:
         for name in ("num_samples", "batch_size"):
@@ -80,37 +100,46 @@ class SamplePlan:
         return torch.Generator(device="cpu").manual_seed(self.seed * SEED_STRIDE + batch)
 
     def settings(self) -> dict:
-        """The plan as plain JSON data (manifests, resume checks)."""
-        return {**asdict(self), "labels": list(self.labels)}
+        """The plan as plain JSON data (manifests, resume checks): what fixes the images (the
+        rejection rule only when one is on, so plans without one read as they always did)."""
+        settings = {**asdict(self), "labels": list(self.labels)}
+        settings.pop("rejection")
+        return {**settings, "rejection": self.rejection.settings()} if self.rejection.active else settings
 
 
 class VQGen:
-    """A trained VQ-VAE-2 with its top and bottom priors.
+    """A trained VQ-VAE-2 with its top and bottom priors (and the classifier of rejection sampling,
+    when the run trained one).
 
     Args:
+        classifier: scores images for rejection sampling (:mod:`vqgen.rejection`); None: none.
         bf16: run the VQ-VAE (decoding, encoding) under bf16 autocast where the device supports it.
             The priors stay in float32: the cached sampler's caches are float32 buffers.
         cached: sample with activation caches (False: full recomputation, the slow reference).
         cuda_graphs: replay each cached sampling step as a CUDA graph (on a GPU; same codes).
     """
 
-    def __init__(self, vqvae, prior_top, prior_bottom, *, info: ModelInfo | None = None, bf16: bool = False,
-                 cached: bool = True, cuda_graphs: bool = False):
+    def __init__(self, vqvae, prior_top, prior_bottom, *, classifier=None, info: ModelInfo | None = None,
+                 bf16: bool = False, cached: bool = True, cuda_graphs: bool = False):
         self.vqvae, self.prior_top, self.prior_bottom = vqvae.eval(), prior_top.eval(), prior_bottom.eval()
+        self.classifier = classifier.eval() if classifier is not None else None
         self.info = info or ModelInfo("")
         self.bf16, self.cached, self.cuda_graphs = bf16, cached, cuda_graphs
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, device: str | torch.device = "cpu", bf16: bool = False,
                         cached: bool = True, cuda_graphs: bool = False) -> VQGen:
-        """Load a run folder (``RUN/vqvae``, ``RUN/prior-top``, ``RUN/prior-bottom``), a bundle from
-        ``vqgen export``, or a Hub repo id of one; the options are the constructor's."""
-        vqvae, top, bottom, info = load_components(path, device=device)
-        return cls(vqvae, top, bottom, info=info, bf16=bf16, cached=cached, cuda_graphs=cuda_graphs)
+        """Load a run folder (``RUN/vqvae``, ``RUN/prior-top``, ``RUN/prior-bottom``, and
+        ``RUN/classifier`` when there is one), a bundle from ``vqgen export``, or a Hub repo id of
+        one; the options are the constructor's."""
+        vqvae, top, bottom, classifier, info = load_components(path, device=device)
+        return cls(vqvae, top, bottom, classifier=classifier, info=info, bf16=bf16, cached=cached,
+                   cuda_graphs=cuda_graphs)
 
     def to(self, device: str | torch.device) -> VQGen:
-        for model in (self.vqvae, self.prior_top, self.prior_bottom):
-            model.to(device)
+        for model in (self.vqvae, self.prior_top, self.prior_bottom, self.classifier):
+            if model is not None:
+                model.to(device)
         return self
 
     @property
@@ -156,16 +185,21 @@ class VQGen:
 
     def plan(self, num: int, *, labels=None, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              seed: int = 0, batch_size: int = 32, top: SamplerConfig | None = None,
-             bottom: SamplerConfig | None = None) -> SamplePlan:
+             bottom: SamplerConfig | None = None, threshold: float | None = None,
+             keep_fraction: float | None = None, max_draw_factor: float | None = None) -> SamplePlan:
         """The :class:`SamplePlan` of :meth:`sample`'s arguments (``vqgen sample`` builds its own so)."""
         both = SamplerConfig(temperature=temperature, top_k=top_k, top_p=top_p)
-        return SamplePlan(num_samples=num, batch_size=batch_size, seed=seed, top=top or both,
-                          bottom=bottom or both, labels=self.class_labels(labels))
+        plan = SamplePlan(num_samples=num, batch_size=batch_size, seed=seed, top=top or both,
+                          bottom=bottom or both, labels=self.class_labels(labels),
+                          rejection=rejection_rule(threshold, keep_fraction, max_draw_factor))
+        self.check_plan(plan)
+        return plan
 
     def sample(self, num: int, *, labels: int | str | Sequence[int | str] | None = None, temperature: float = 1.0,
                top_k: int = 0, top_p: float = 1.0, seed: int = 0, generator: torch.Generator | None = None,
                batch_size: int = 32, top: SamplerConfig | None = None, bottom: SamplerConfig | None = None,
-               progress: bool = False) -> Samples:
+               threshold: float | None = None, keep_fraction: float | None = None,
+               max_draw_factor: float | None = None, progress: bool = False) -> Samples:
         """Draw ``num`` images: ``(images uint8 [num, C, H, W], labels int64 [num])``.
 
         Args:
@@ -175,30 +209,79 @@ class VQGen:
             seed: batch ``b`` draws from a generator seeded ``seed * 1_000_003 + b``, as the
                 pipeline's sample stage does: its settings give its images.
             generator: draw every batch from this generator instead (reproducible from its state).
+            threshold, keep_fraction: classifier-based rejection sampling with the model's
+                classifier (one of them): keep an image when the classifier's probability of its
+                class is at least ``threshold``, or keep the best ``keep_fraction`` of each batch's
+                candidates (:mod:`vqgen.rejection`). ``max_draw_factor``: give up when a batch would
+                draw more than this many times its images.
         """
         plan = self.plan(num, labels=labels, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                         batch_size=batch_size, top=top, bottom=bottom)
+                         batch_size=batch_size, top=top, bottom=bottom, threshold=threshold,
+                         keep_fraction=keep_fraction, max_draw_factor=max_draw_factor)
         batches = [self.draw_batch(plan, b, generator=generator, progress=progress) for b in range(plan.num_batches)]
         return Samples(torch.cat([b.images for b in batches]), torch.cat([b.labels for b in batches]))
 
-    @torch.no_grad()
+    def check_plan(self, plan: SamplePlan) -> None:
+        """A ConfigError when ``plan`` asks for rejection sampling that these models cannot do."""
+        if not plan.rejection.active:
+            return
+        if self.classifier is None:
+            where = f" ({self.info.source} has no {CLASSIFIER}/)" if self.info.source else ""
+            raise ConfigError("rejection", f"rejection sampling needs a classifier{where}: train one with the "
+                                           "train-classifier stage (classifier.enabled = true)")
+        if not self.num_classes:
+            raise ConfigError("rejection", "rejection sampling scores each image's intended class, and these "
+                                           "priors are unconditional")
+        if problem := classifier_mismatch(self.classifier, self.vqvae, self.prior_top):
+            raise ConfigError("rejection", f"the classifier does not fit these models ({problem})")
+
     def draw_batch(self, plan: SamplePlan, batch: int, *, generator: torch.Generator | None = None,
                    progress: bool = False) -> Samples:
-        """Batch ``batch`` of ``plan``: top codes, bottom codes given them, then the decoder."""
+        """The images of batch ``batch`` of ``plan`` (:meth:`draw`)."""
+        return self.draw(plan, batch, generator=generator, progress=progress).samples
+
+    @torch.no_grad()
+    def draw(self, plan: SamplePlan, batch: int, *, generator: torch.Generator | None = None,
+             progress: bool = False) -> DrawnBatch:
+        """Batch ``batch`` of ``plan``: its labels, top codes, bottom codes given them, then the
+        decoder; with rejection sampling, candidate rounds until the classifier accepts them."""
         indices = plan.batch_indices(batch)
-        n, device = len(indices), self.device
-        generator = generator or plan.generator(batch)
+        n = len(indices)
+        first = generator or plan.generator(batch)
         labels = None
         if self.num_classes:
             # Uniform labels come first from the batch's generator, before any code is drawn.
             labels = (torch.tensor([plan.labels[i % len(plan.labels)] for i in indices]) if plan.labels
-                      else torch.randint(self.num_classes, (n,), generator=generator)).to(device)
+                      else torch.randint(self.num_classes, (n,), generator=first))
+        if not plan.rejection.active:
+            images = self._draw_images(plan, labels, n, first, progress)
+            return DrawnBatch(Samples(images, labels if labels is not None else torch.full((n,), -1)), n, None)
+        self.check_plan(plan)
+
+        def candidates(round_: int, positions: torch.Tensor) -> torch.Tensor:
+            # Round 0 is the batch without rejection; later rounds have generators of their own.
+            rng = first if round_ == 0 or generator is not None else round_generator(plan.seed, batch, round_)
+            return self._draw_images(plan, labels[positions], len(positions), rng, progress)
+
+        kept = fill_batch(plan.rejection, labels, candidates, self.score, batch)
+        return DrawnBatch(Samples(kept.images, labels), kept.drawn, kept.scores)
+
+    def _draw_images(self, plan: SamplePlan, labels: torch.Tensor | None, n: int, generator: torch.Generator,
+                     progress: bool) -> torch.Tensor:
+        """uint8 images of ``n`` top and bottom code maps drawn from ``generator`` for ``labels``."""
+        if labels is not None:
+            labels = labels.to(self.device)
         options = dict(generator=generator, cached=self.cached, cuda_graphs=self.cuda_graphs, progress=progress)
         top = sample(self.prior_top, n, labels=labels, config=plan.top, **options)
         bottom_labels = labels if self.prior_bottom.layout.num_classes else None
         bottom = sample(self.prior_bottom, n, labels=bottom_labels, condition=top, config=plan.bottom, **options)
-        images = self.decode(top, bottom)
-        return Samples(images, labels.cpu() if labels is not None else torch.full((n,), -1))
+        return self.decode(top, bottom)
+
+    def score(self, images, labels) -> torch.Tensor:
+        """float32 ``[N]``: the classifier's probability of ``labels`` for uint8 ``images``."""
+        if self.classifier is None:
+            raise ConfigError("rejection", "these models have no classifier")
+        return intended_probability(self.classifier, torch.as_tensor(images), torch.as_tensor(labels))
 
     def _autocast(self):
         kind = self.device.type
@@ -247,14 +330,17 @@ def unfinished_batches(parts: Path, plan: SamplePlan, rank: int, world: int) -> 
     return [b for b in shard_indices(plan.num_batches, rank, world) if not part_path(parts, b).exists()]
 
 
-def write_parts(parts: Path, batches: Sequence[int], draw: Callable[[int], Samples],
+def write_parts(parts: Path, batches: Sequence[int], draw: Callable[[int], DrawnBatch],
                 progress: bool = False) -> tuple[int, float]:
     """Draw ``batches`` with ``draw``, saving each as its part file as soon as it is made (the part
-    is what marks a batch finished). Returns ``(images made, seconds)``."""
+    is what marks a batch finished; with rejection sampling it also holds the batch's candidate
+    count and scores, so the acceptance figures survive a resume). Returns ``(images made, seconds)``."""
     start, made = time.perf_counter(), 0
     for b in tqdm(batches, desc="sample batches", disable=not progress):
-        images, labels = draw(b)
-        save_samples(part_path(parts, b), images.numpy(), labels.numpy())
+        (images, labels), drawn, scores = draw(b)
+        extra = None if scores is None else {"drawn": np.array([drawn], dtype=np.int64),
+                                             "scores": scores.numpy().astype(np.float32)}
+        save_samples(part_path(parts, b), images.numpy(), labels.numpy(), extra=extra)
         made += len(images)
     return made, time.perf_counter() - start
 
@@ -271,6 +357,25 @@ def finish_parts(parts: Path, plan: SamplePlan, out: Path, grid_size: int, npz: 
     return fingerprint
 
 
+def rejection_figures(parts: Path, plan: SamplePlan) -> dict:
+    """The acceptance rate (kept / drawn over every batch) and the kept images' mean probability
+    of their intended class, from the parts; empty without rejection sampling."""
+    if not plan.rejection.active:
+        return {}
+    kept = drawn = 0
+    score_sum = 0.0
+    for b in range(plan.num_batches):
+        path = part_path(parts, b)
+        with open_npz(path) as arrays:
+            if "drawn" not in arrays.files or "scores" not in arrays.files:
+                raise DataError(f"{path}: a part of a rejection-sampling run without its figures (drawn, scores)")
+            scores = read_npz_array(arrays, path, "scores").astype(np.float64)
+            drawn += int(read_npz_array(arrays, path, "drawn")[0])
+        kept += len(scores)
+        score_sum += float(scores.sum())
+    return acceptance_summary(kept, drawn, score_sum)
+
+
 # ----------------------------------------------------------------------------------------------
 # `vqgen sample`: a folder of images
 
@@ -282,25 +387,30 @@ def sample_to_folder(gen: VQGen, plan: SamplePlan, out: Path, *, formats: Sequen
                      grid_size: int = 64) -> dict:
     """Write ``plan``'s images into the new folder ``out``: ``images/NNNNNN.png`` per image (in
     ``images/<label>/`` when the priors are class-conditional), ``samples.npz``, ``grid.png`` and
-    ``manifest.json`` (every setting, the models' sha256, throughput). Returns the manifest.
+    ``manifest.json`` (every setting, the models' sha256, throughput; with rejection sampling, the
+    acceptance rate and the kept images' mean probability of their class). Returns the manifest.
 
     Under ``torchrun`` / ``accelerate launch`` the processes share the batches; the images do not
     depend on their number. A rerun into the same folder continues at the next unfinished batch, and
     refuses (a ConfigError naming the setting) if any setting differs from the first run's.
     """
     state = process_state()
-    settings = {**plan.settings(), "format": sorted(set(formats)), "bf16": gen.bf16, "models": gen.info.sha256}
+    gen.check_plan(plan)
+    # The classifier is one of the models only when it scores: without rejection sampling, a
+    # classifier trained since an interrupted run does not change its images.
+    models = {c: sha for c, sha in gen.info.sha256.items() if c != CLASSIFIER or plan.rejection.active}
+    settings = {**plan.settings(), "format": sorted(set(formats)), "bf16": gen.bf16, "models": models}
     done, resumed = on_main_process(lambda: _prepare_folder(gen, plan, out, settings))
     if done is not None:
         return done
     start = time.perf_counter()
     parts = out / "parts"
 
-    def draw(batch: int) -> Samples:
-        samples = gen.draw_batch(plan, batch)
+    def draw(batch: int) -> DrawnBatch:
+        drawn = gen.draw(plan, batch)
         if "png" in formats:
-            _write_pngs(samples, plan.batch_indices(batch), out, conditional=gen.num_classes > 0)
-        return samples
+            _write_pngs(drawn.samples, plan.batch_indices(batch), out, conditional=gen.num_classes > 0)
+        return drawn
 
     write_parts(parts, unfinished_batches(parts, plan, state.process_index, state.num_processes), draw,
                 progress=state.is_main_process)
@@ -313,6 +423,8 @@ def sample_to_folder(gen: VQGen, plan: SamplePlan, out: Path, *, formats: Sequen
         manifest = {**read_json(out / MANIFEST), "finished": True, "count": plan.num_samples,
                     "made_now": made, "resumed_from_parts": resumed, "processes": state.num_processes,
                     "seconds": round(seconds, 3), "samples_per_sec": round(made / max(seconds, 1e-9), 2)}
+        if plan.rejection.active:
+            manifest["rejection"] = {**plan.rejection.settings(), **rejection_figures(parts, plan)}
         atomic_write_json(out / MANIFEST, manifest)
         shutil.rmtree(parts)  # after the manifest: a kill in between leaves a complete folder
         return manifest
@@ -346,7 +458,7 @@ def _refuse_model_folder(source: Path, out: Path) -> None:
     """Samples never go into the model's own folders (a run's ``samples/`` is the pipeline's)."""
     out = out.resolve()
     inside = source.is_dir() and (out == source.resolve() or any(
-        out.is_relative_to((source / d).resolve()) for d in (*COMPONENTS, "samples", "codes", "eval")))
+        out.is_relative_to((source / d).resolve()) for d in (*COMPONENTS, CLASSIFIER, "samples", "codes", "eval")))
     if inside or (out / "stage.json").exists():
         raise VQGenError(f"--out {out}: inside the model's folder {source} (its samples/ belongs to the "
                          "pipeline's sample stage): give a folder of its own")

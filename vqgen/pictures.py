@@ -67,11 +67,12 @@ def labelled_grid(images: torch.Tensor, labels, class_names: tuple[str, ...] = (
     return canvas
 
 
-def draw_curves(panels: dict[str, dict[str, Series]], size=(480, 300), log_scale: tuple[str, ...] = ()) -> Image.Image:
+def draw_curves(panels: dict[str, dict[str, Series]], size=(480, 300), log_scale: tuple[str, ...] = (),
+                x_label: str = "step") -> Image.Image:
     """One line chart per panel (value against step), stacked vertically; each panel's series share
     its axes (training and validation of one quantity together), in colours named in a legend. A
     panel whose title contains one of ``log_scale`` has a log-scale value axis (losses); a series
-    of a single point is drawn as a dot."""
+    of a single point is drawn as a dot. ``x_label`` names the horizontal axis at its two ends."""
     width, height = size
     titles = [t for t, series in panels.items() if any(series.values())]
     canvas = Image.new("RGB", (width, max(1, len(titles)) * height), "white")
@@ -79,12 +80,12 @@ def draw_curves(panels: dict[str, dict[str, Series]], size=(480, 300), log_scale
     for row, title in enumerate(titles):
         series = {name: points for name, points in panels[title].items() if points}
         log = any(word in title for word in log_scale) and all(v > 0 for pts in series.values() for _, v in pts)
-        _draw_panel(draw, row * height, width, height, title, series, log)
+        _draw_panel(draw, row * height, width, height, title, series, log, x_label)
     return canvas
 
 
 def _draw_panel(draw: ImageDraw.ImageDraw, top: int, width: int, height: int, title: str,
-                series: dict[str, Series], log: bool) -> None:
+                series: dict[str, Series], log: bool, x_label: str = "step") -> None:
     y_of = (lambda v: math.log10(v)) if log else (lambda v: v)
     steps = [s for pts in series.values() for s, _ in pts]
     values = [y_of(v) for pts in series.values() for _, v in pts]
@@ -115,8 +116,8 @@ def _draw_panel(draw: ImageDraw.ImageDraw, top: int, width: int, height: int, ti
     shown = (lambda v: 10**v) if log else (lambda v: v)
     draw.text((4, top), f"{shown(hi):.3g}", fill="black")
     draw.text((4, top + plot_h - 10), f"{shown(lo):.3g}", fill="black")
-    draw.text((left, top + plot_h + 4), f"step {s0}", fill="black")
-    draw.text((left + plot_w - 60, top + plot_h + 4), f"step {s1}", fill="black")
+    draw.text((left, top + plot_h + 4), f"{x_label} {s0}", fill="black")
+    draw.text((left + plot_w - 60, top + plot_h + 4), f"{x_label} {s1}", fill="black")
 
 
 def stack_panels(panels: list[tuple[str, Image.Image]], width: int = 800) -> Image.Image:

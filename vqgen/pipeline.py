@@ -42,9 +42,10 @@ from vqgen.utils import atomic_write_text
 def stage_table() -> tuple[Stage, ...]:
     """Every stage in pipeline order: the one table the runner and the CLI share."""
     # Imported here: each stage module pulls in its models, which `vqgen --help` does not need.
-    from vqgen.stages import evaluate, extract_codes, sample, train_prior, train_vqvae
+    from vqgen.stages import evaluate, extract_codes, sample, train_classifier, train_prior, train_vqvae
 
-    return tuple(s for module in (train_vqvae, extract_codes, train_prior, sample, evaluate) for s in module.STAGES)
+    modules = (train_vqvae, extract_codes, train_prior, train_classifier, sample, evaluate)
+    return tuple(s for module in modules for s in module.STAGES)
 
 
 def stage_names() -> list[str]:
@@ -67,17 +68,41 @@ def stage_spec(cfg: PipelineConfig, stage: Stage, inputs: dict[str, str]) -> Sta
 def upstream_fingerprints(cfg: PipelineConfig, stage: Stage, dirs: dict[str, str]) -> dict[str, str]:
     """The output fingerprints of the stages ``stage`` reads; each must have finished, intact."""
     inputs = {}
-    for name in stage.upstream:
+    for name in stage.upstream_of(stage_sections(cfg, stage)):
         upstream_dir = cfg.run_dir / dirs[name]
         fingerprint = output_fingerprint(upstream_dir)
         if fingerprint is None:
-            raise ConfigError("", f"stage {stage.name} needs {name} to have finished in {cfg.run_dir}")
+            raise ConfigError("", f"stage {stage.name} needs {name} to have finished in {cfg.run_dir}"
+                                  + _switched_off_hint(cfg, name))
         damaged = damaged_outputs(upstream_dir, read_manifest(upstream_dir) or {})
         if damaged:
             raise VQGenError(f"stage {stage.name} reads the outputs of {name}, which are damaged "
                              f"({'; '.join(damaged.values())}): run the pipeline again to remake them")
         inputs[name] = fingerprint
     return inputs
+
+
+def _switched_off_hint(cfg: PipelineConfig, name: str) -> str:
+    """``" (it is switched off: ...)"`` when stage ``name`` is switched off in ``cfg``, else ``""``."""
+    upstream = {s.name: s for s in stage_table()}[name]
+    if upstream.is_enabled(stage_sections(cfg, upstream)):
+        return ""
+    return (f" (it is switched off: set {upstream.switch or 'its enabled key'} = true, or run "
+            f"`vqgen stage {name}` first)")
+
+
+def check_upstream_switches(cfg: PipelineConfig, todo: tuple[Stage, ...]) -> None:
+    """A ConfigError naming the switch when a stage that will run reads a switched-off stage that
+    has not finished: said before the first stage, not after the training before it."""
+    stages = {s.name: s for s in stage_table()}
+    for stage in todo:
+        for name in stage.upstream_of(stage_sections(cfg, stage)):
+            upstream = stages[name]
+            if upstream.is_enabled(stage_sections(cfg, upstream)) or output_fingerprint(cfg.run_dir / upstream.dir):
+                continue
+            raise ConfigError(upstream.switch, f"stage {stage.name} reads the outputs of {name}, which is "
+                                               f"switched off and has not finished in {cfg.run_dir}: set "
+                                               f"{upstream.switch or 'its enabled key'} = true")
 
 
 PREVIOUS = ".previous"
@@ -205,6 +230,7 @@ def preflight(cfg: PipelineConfig, stages: tuple[Stage, ...]) -> tuple[Stage, ..
         if stage.preflight is not None:
             stage.preflight(sections)
         enabled.append(stage)
+    check_upstream_switches(cfg, tuple(enabled))
     return tuple(enabled)
 
 

@@ -1,7 +1,8 @@
 """What a stage is to the pipeline runner: its name and folder, the config sections it reads, the
 stages whose outputs it reads, and ``run(sections, run_dir, accelerator) -> StageResult``;
 optionally a ``preflight(sections)`` that the runner calls for every stage it is about to run before
-the first one starts (so a run that cannot finish refuses to start), and ``enabled(sections)``.
+the first one starts (so a run that cannot finish refuses to start), ``enabled(sections)`` with the
+``switch`` key behind it, and ``conditional_upstream(sections)``: stages read under some settings only.
 
 Each stage module declares its ``STAGES``; the runner and the CLI read the one table made from them
 (:func:`vqgen.pipeline.stage_table`). The runner hashes the declared sections itself (see
@@ -38,9 +39,20 @@ class Stage:
     that names the fix. Cheap, or done once (a download): it runs before the pipeline's first stage."""
     enabled: Callable[[dict[str, Any]], bool] | None = None
     """False: the runner skips the stage and says so at the start (None: always enabled)."""
+    switch: str = ""
+    """The dotted config key behind ``enabled`` (``"classifier.enabled"``), named in messages."""
+    conditional_upstream: Callable[[dict[str, Any]], tuple[str, ...]] | None = None
+    """Stages whose outputs it reads under some settings only (the sample stage reads the
+    classifier when rejection sampling is on): they join ``upstream`` then, and only then, so a
+    setting at its default leaves the stage's definition as it was."""
 
     def is_enabled(self, sections: dict[str, Any]) -> bool:
         return self.enabled is None or self.enabled(sections)
+
+    def upstream_of(self, sections: dict[str, Any]) -> tuple[str, ...]:
+        """The stages it reads with these config sections."""
+        extra = self.conditional_upstream(sections) if self.conditional_upstream is not None else ()
+        return self.upstream + tuple(name for name in extra if name not in self.upstream)
 
 
 def check_data(sections: dict[str, Any]) -> None:

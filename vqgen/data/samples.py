@@ -37,15 +37,21 @@ def _check_labels(labels: np.ndarray, count: int, path: Path) -> np.ndarray:
     return labels.astype(np.int64, copy=False)
 
 
-def save_samples(path: str | os.PathLike, images, labels=None) -> None:
+def save_samples(path: str | os.PathLike, images, labels=None, extra: dict[str, np.ndarray] | None = None) -> None:
     """Write a samples file atomically (a reader sees the old file or the whole new one).
 
     ``images``: uint8 ``[N, C, H, W]``; ``labels``: ``[N]`` integers or ``None``. Arrays or CPU tensors.
+    ``extra``: further numeric arrays stored beside them (a sampling part's rejection figures);
+    the readers of samples files leave them alone.
     """
     path = Path(path)
     arrays = {"images": _check_images(np.asarray(images), path)}
     if labels is not None:
         arrays["labels"] = _check_labels(np.asarray(labels), len(arrays["images"]), path)
+    for key, value in (extra or {}).items():
+        if key in arrays:
+            raise ValueError(f"extra array {key!r} would replace the samples' own")
+        arrays[key] = np.asarray(value)
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
     atomic_write_bytes(path, buffer.getvalue())

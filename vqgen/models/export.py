@@ -31,6 +31,8 @@ FORMAT_VERSION = 2
 MODEL_CLASSES = {
     "VQVAE2": ("vqgen.models.vqvae2", "VQVAE2", {"config": "VQVAEConfig"}),
     "GatedPixelCNN": ("vqgen.models.pixelcnn", "GatedPixelCNN", {"config": "PriorConfig", "layout": "PriorLayout"}),
+    "ResNetClassifier": ("vqgen.models.classifier", "ResNetClassifier",
+                         {"config": "ClassifierConfig", "layout": "ClassifierLayout"}),
 }
 
 
@@ -121,7 +123,10 @@ def _constructor_args(info: dict, module, arg_classes: dict, path: Path) -> dict
     version = info.get("version")
     if version not in range(1, FORMAT_VERSION + 1):
         raise CheckpointError(f"{path}: export format version {version!r}; this vqgen reads 1 to {FORMAT_VERSION}")
-    raw = module.upgrade_export_config(info.get("config", {})) if version == 1 else info
+    upgrade = getattr(module, "upgrade_export_config", None)
+    if version == 1 and upgrade is None:  # a class that came after version 1 has no such exports
+        raise CheckpointError(f"{path}: export format version 1 never held a {info.get('class')}")
+    raw = upgrade(info.get("config", {})) if version == 1 else info
     args = {}
     for arg, cls in arg_classes.items():
         try:
