@@ -34,7 +34,9 @@ class RunConfig:
     """Runs are written to ``out_dir/name`` (relative paths are relative to the working directory)."""
     seed: int = 0
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
-    """"auto": bf16 on a GPU, float32 on a CPU."""
+    """"auto": bf16 where the hardware computes in it (CUDA GPUs with bf16; CPUs with AVX512-BF16 or
+    AMX), float32 elsewhere; "no" forces float32. Under bf16 the losses, logits' softmax, vector
+    quantisation and the metrics stay in float32."""
     tracker: TrackerKind = schedule_field("csv")
     """Where metrics go: "csv" (``metrics.csv`` in each stage folder), "none", or any tracker Accelerate
     knows by name ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", ...), which

@@ -128,16 +128,36 @@ LossFn = Callable[[torch.nn.Module, object], "tuple[torch.Tensor, dict[str, torc
 """``loss_fn(model, batch) -> (loss, metrics)``: one micro-batch's loss and scalars to log."""
 
 
+def cpu_computes_bf16() -> bool:
+    """Whether this CPU has bf16 arithmetic in hardware (AVX512-BF16 or AMX). Without it, bf16
+    autocast is emulated and slower than float32."""
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:  # a torch without these probes: assume not
+        return False
+
+
+def resolve_mixed_precision(mode: str) -> str:
+    """``run.mixed_precision`` as Accelerate takes it. "auto": bf16 where the hardware computes in
+    it, on CUDA GPUs that support it and on CPUs with AVX512-BF16 or AMX (the demo ran 22 s faster in
+    bf16 on a 2-core AVX512-BF16 CPU, with a lower FID: NOTES.md), else float32 ("no")."""
+    if mode != "auto":
+        return mode
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "no"
+    return "bf16" if cpu_computes_bf16() else "no"
+
+
 def make_accelerator(
     stage_dir: Path, *, mixed_precision: str = "auto", tracker: TrackerKind = "csv", seed: int = 0
 ) -> Accelerator:
-    """An Accelerator for one stage: trackers write into ``stage_dir``; bf16 on GPU when "auto".
+    """An Accelerator for one stage: trackers write into ``stage_dir``; ``mixed_precision`` as
+    :func:`resolve_mixed_precision` reads it.
 
     DDP must not broadcast rank 0's buffers each forward: the VQ codebooks are buffers that every
     rank updates identically from all-reduced statistics.
     """
-    if mixed_precision == "auto":
-        mixed_precision = "bf16" if torch.cuda.is_available() else "no"
+    mixed_precision = resolve_mixed_precision(mixed_precision)
     stage_dir.mkdir(parents=True, exist_ok=True)
     accelerator = Accelerator(
         mixed_precision=mixed_precision,
@@ -350,10 +370,10 @@ def _batches(loader: DataLoader, accelerator: Accelerator, state: TrainState):
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW over every parameter. On a GPU, the fused implementation: one kernel updates all
-    parameters instead of a few launches per group of tensors."""
-    fused = torch.device(device).type == "cuda"
-    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, fused=fused)
+    """AdamW over every parameter, in the fused implementation: one kernel updates all parameters
+    instead of a few per tensor (on a CPU the default loop over tensors took 5-6 ms of a 60-80 ms
+    step of the demo's top prior, the fused kernel 1.7 ms)."""
+    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, fused=True)
 
 
 def train_step(model, batch, loss_fn: LossFn, optimizer, scheduler, accelerator, cfg: TrainConfig):
