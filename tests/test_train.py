@@ -148,6 +148,19 @@ def test_best_validation_weights_are_kept_across_a_resume(tmp_path):
     assert torch.equal(model.state_dict()["decoder.0.weight"], snapshots[4]["decoder.0.weight"])
 
 
+def test_auto_precision_is_bf16_where_the_hardware_computes_in_it(monkeypatch):
+    import vqgen.train as train
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for native, expected in ((True, "bf16"), (False, "no")):
+        monkeypatch.setattr(train, "cpu_computes_bf16", lambda: native)
+        assert train.resolve_mixed_precision("auto") == expected
+    assert [train.resolve_mixed_precision(m) for m in ("no", "bf16", "fp16")] == ["no", "bf16", "fp16"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert train.resolve_mixed_precision("auto") == "bf16"
+
+
 def test_optimizer_is_fused_on_a_gpu_only():
     model = torch.nn.Linear(4, 4)
     cfg = TrainConfig(lr=2e-4, betas=(0.8, 0.9), weight_decay=0.05)
