@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,10 @@ from tiny_pipeline import INCEPTION_NOFC, SHARED_DATA, TinyPipeline
 
 # Tiny models run faster on one thread than on two contending ones.
 torch.set_num_threads(1)
+# float32 on every CPU (`run.mixed_precision = "auto"` would pick bf16 on one with AVX512-BF16):
+# the tests check the pipeline's logic, which must not depend on the CI machine's CPU, and one
+# process keeps one precision (Accelerate's state allows no other). Subprocesses inherit it.
+os.environ.setdefault("VQGEN_CPU_BF16", "0")
 
 
 

@@ -11,6 +11,7 @@ at the next batch with the same data order, RNG states and optimizer state.
 from __future__ import annotations
 
 import math
+import os
 import pickle
 import shutil
 import time
@@ -130,7 +131,10 @@ LossFn = Callable[[torch.nn.Module, object], "tuple[torch.Tensor, dict[str, torc
 
 def cpu_computes_bf16() -> bool:
     """Whether this CPU has bf16 arithmetic in hardware (AVX512-BF16 or AMX). Without it, bf16
-    autocast is emulated and slower than float32."""
+    autocast is emulated and slower than float32. ``VQGEN_CPU_BF16=0`` in the environment says no
+    (the test suite sets it, so that its figures do not depend on the machine's CPU)."""
+    if os.environ.get("VQGEN_CPU_BF16") == "0":
+        return False
     try:
         return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
     except AttributeError:  # a torch without these probes: assume not
