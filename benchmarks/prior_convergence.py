@@ -39,8 +39,8 @@ from vqgen.evaluation import prior_inputs
 from vqgen.metrics.image import bits_per_dim
 from vqgen.models.pixelcnn import GatedPixelCNN
 from vqgen.pictures import draw_curves
-from vqgen.train import build_optimizer, lr_lambda
-from vqgen.stages.train_prior import store_layout
+from vqgen.train import build_optimizer, lr_lambda, resolve_mixed_precision
+from vqgen.stages.train_prior import levels_above, store_layout
 
 
 @dataclass
@@ -56,6 +56,8 @@ class Arm:
     steps: int
     bf16: bool
     conditional: bool
+    above: tuple[str, ...]
+    """The levels whose codes condition this one (top first)."""
     train_seconds: float = 0.0
     step: int = 0
     next_eval: float = 0.0
@@ -73,7 +75,7 @@ def forever(loader: DataLoader):
 
 def build_arm(name: str, run_dir: Path, level: str, overrides: list[str], device: torch.device) -> Arm:
     cfg = load_config(run_dir / "config.toml", overrides)
-    stage = getattr(cfg.prior, level)
+    stage = cfg.prior[level]
     store = CodeDataset(run_dir / "codes" / "codes.lmdb")
     torch.manual_seed(cfg.run.seed)
     model = GatedPixelCNN(stage.model, store_layout(store, level, stage.class_conditional)).to(device)
@@ -83,11 +85,10 @@ def build_arm(name: str, run_dir: Path, level: str, overrides: list[str], device
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(stage.train))
     loader = DataLoader(store, batch_size=stage.train.batch_size, sampler=RandomSampler(store), drop_last=True,
                         generator=torch.Generator().manual_seed(cfg.run.seed))
-    precision = cfg.run.mixed_precision
-    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    bf16 = resolve_mixed_precision(cfg.run.mixed_precision) == "bf16"
     forward = torch.compile(model) if stage.train.compile else model
     return Arm(name, model, forward, optimizer, scheduler, forever(loader), stage.train.steps, bf16,
-               stage.class_conditional)
+               stage.class_conditional, levels_above(store, level))
 
 
 def train_turn(arm: Arm, level: str, seconds: float, budget: float, device: torch.device, grad_clip: float = 1.0) -> None:
@@ -97,7 +98,7 @@ def train_turn(arm: Arm, level: str, seconds: float, budget: float, device: torc
     while arm.train_seconds < end and not arm.done:
         batch = {k: v.to(device) for k, v in next(arm.batches).items()}
         start = time.perf_counter()
-        codes, labels, condition = prior_inputs(batch, level, arm.conditional)
+        codes, labels, condition = prior_inputs(batch, level, arm.conditional, arm.above)
         autocast = torch.autocast(device.type, dtype=torch.bfloat16) if arm.bf16 else nullcontext()
         with autocast:
             logits = arm.forward(codes, labels=labels, condition=condition)
@@ -115,11 +116,12 @@ def train_turn(arm: Arm, level: str, seconds: float, budget: float, device: torc
 
 
 @torch.no_grad()
-def validation_bpd(model: torch.nn.Module, batches: list[dict], level: str, conditional: bool) -> float:
+def validation_bpd(model: torch.nn.Module, batches: list[dict], level: str, conditional: bool,
+                   above: tuple[str, ...] = ()) -> float:
     model.eval()
     nll, count = 0.0, 0
     for batch in batches:
-        codes, labels, condition = prior_inputs(batch, level, conditional)
+        codes, labels, condition = prior_inputs(batch, level, conditional, above)
         logits = model(codes, labels=labels, condition=condition)
         nll += torch.nn.functional.cross_entropy(logits.float(), codes, reduction="sum").item()
         count += codes.numel()
@@ -160,7 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
     eval_batches = [{k: v.to(device) for k, v in b.items()} for _, b in zip(range(args.eval_batches), loader)]
 
     def evaluate(arm: Arm) -> None:
-        value = validation_bpd(arm.model, eval_batches, args.level, arm.conditional)
+        value = validation_bpd(arm.model, eval_batches, args.level, arm.conditional, arm.above)
         arm.curve.append((arm.step, arm.train_seconds, value))
         arm.next_eval = arm.train_seconds + args.eval_every
         print(f"arm {arm.name}: step {arm.step}, {arm.train_seconds:.0f} s, val bits/dim {value:.4f}", flush=True)

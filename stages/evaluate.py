@@ -58,9 +58,9 @@ def training_curves(run_dir: Path) -> dict[str, dict[str, list[tuple[int, float]
     """The curves worth a look, one panel per quantity with its training and validation series:
     the VQ-VAE's reconstruction error and PSNR, each prior's bits/dim."""
     panels = {"vqvae: loss": {"train": "loss", "val recon MSE": "val_recon_mse", "train recon MSE": "recon_mse"},
-              "vqvae: PSNR (dB)": {"val": "val_psnr"},
-              "prior-bottom: bits/dim": {"train": "bits_per_dim", "val": "val_bits_per_dim"},
-              "prior-top: bits/dim": {"train": "bits_per_dim", "val": "val_bits_per_dim"}}
+              "vqvae: PSNR (dB)": {"val": "val_psnr"}}
+    for folder in sorted(run_dir.glob("prior-*"), reverse=True):  # prior-top, prior-middle, prior-bottom
+        panels[f"{folder.name}: bits/dim"] = {"train": "bits_per_dim", "val": "val_bits_per_dim"}
     curves: dict[str, dict[str, list[tuple[int, float]]]] = {}
     for title, wanted in panels.items():
         path = run_dir / title.split(":")[0] / "metrics.csv"
@@ -150,9 +150,9 @@ def _upstream_figures(run_dir: Path) -> dict:
     store = run_dir / "codes" / ("eval.lmdb" if (run_dir / "codes" / "eval.lmdb").exists() else "codes.lmdb")
     for level in inspect_store(store)["levels"]:
         figures[f"codebook_usage_{level['name']}"] = level["usage_fraction"]
-    for level in ("top", "bottom"):
-        manifest = read_manifest(run_dir / f"prior-{level}") or {}
-        figures[f"bits_per_dim_{level}"] = manifest.get("metrics", {}).get("val_bits_per_dim")
+    for level in inspect_store(store)["levels"]:
+        manifest = read_manifest(run_dir / f"prior-{level['name']}") or {}
+        figures[f"bits_per_dim_{level['name']}"] = manifest.get("metrics", {}).get("val_bits_per_dim")
     sample_manifest = read_manifest(run_dir / "samples") or {}
     figures["samples_per_sec"] = sample_manifest.get("metrics", {}).get("samples_per_sec")
     for key in ("acceptance_rate", "mean_intended_probability"):  # rejection sampling, when it was on
@@ -176,8 +176,10 @@ def stats_cache_dir(cfg: EvaluateStageConfig, out_dir: Path) -> Path:
     return Path(cfg.stats_cache) if cfg.stats_cache else out_dir / "fid-stats"
 
 
-# The VQ-VAE (reconstructions), the codes (usage), the priors (bits/dim) and the samples.
-STAGES = (Stage("evaluate", DIR, ("run", "data", "evaluate"),
-                ("train-vqvae", "extract-codes", "train-prior-top", "train-prior-bottom", "sample"), run,
-                preflight=lambda sections: on_main_process(lambda: preflight(sections)),
-                enabled=lambda sections: sections["evaluate"].enabled),)
+def stages(levels: tuple[str, ...]) -> tuple[Stage, ...]:
+    """The evaluate stage of a hierarchy with ``levels``: it reads the VQ-VAE (reconstructions), the
+    codes (usage), every prior (bits/dim) and the samples."""
+    upstream = ("train-vqvae", "extract-codes", *(f"train-prior-{level}" for level in levels), "sample")
+    return (Stage("evaluate", DIR, ("run", "data", "evaluate"), upstream, run,
+                  preflight=lambda sections: on_main_process(lambda: preflight(sections)),
+                  enabled=lambda sections: sections["evaluate"].enabled),)

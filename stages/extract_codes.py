@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from vqgen.config import CodesStageConfig
@@ -36,8 +37,8 @@ SAME_SOURCE = ("source_checksum", "data_sha256", "levels", "count", "num_classes
 
 
 def store_meta(model, data: DataConfig, split: str, num_classes: int, checksum: str, count: int) -> dict:
-    levels = [CodeLevel(level, tuple(shape), model.config.level_num_codes(level))
-              for level, shape in zip(("top", "bottom"), model.latent_shapes(data.image_size))]
+    levels = [CodeLevel(level.name, tuple(shape), level.num_codes)
+              for level, shape in zip(model.config.hierarchy, model.latent_shapes(data.image_size))]
     meta = make_meta(levels, num_classes=num_classes, source_checksum=checksum, count=count)
     meta["data_sha256"] = sha256_json({"data": split_by_role(data)[0], "split": split})
     return meta
@@ -45,6 +46,18 @@ def store_meta(model, data: DataConfig, split: str, num_classes: int, checksum: 
 
 def _same_source(existing: dict | None, meta: dict) -> bool:
     return existing is not None and all(existing.get(k) == meta[k] for k in SAME_SOURCE)
+
+
+def read_batches(dataset, todo: list[int], cfg: CodesStageConfig):
+    """``(indices, images [B, C, H, W], labels)`` for the items ``todo`` in order, batch by batch; the
+    images are read by ``cfg.num_workers`` worker processes (0: here) while the model encodes."""
+    batches = [todo[first : first + cfg.batch_size] for first in range(0, len(todo), cfg.batch_size)]
+    if cfg.num_workers == 0:
+        loaded = (torch.utils.data.default_collate([dataset[i] for i in indices]) for indices in batches)
+    else:
+        loaded = DataLoader(dataset, batch_sampler=batches, num_workers=cfg.num_workers)
+    for indices, (images, labels) in zip(batches, loaded):
+        yield indices, images, [int(label) for label in labels]
 
 
 @torch.no_grad()
@@ -68,13 +81,10 @@ def extract_split(model, dataset, path: Path, meta: dict, cfg: CodesStageConfig,
         written = writer.existing_indices()
         todo = [i for i in shard_indices(len(dataset), accelerator.process_index, accelerator.num_processes) if i not in written]
         bar = tqdm(total=len(todo), desc=f"encode {path.name}", disable=not accelerator.is_main_process)
-        for first in range(0, len(todo), cfg.batch_size):
-            indices = todo[first : first + cfg.batch_size]
-            items = [dataset[i] for i in indices]
-            images = torch.stack([image for image, _ in items]).to(accelerator.device)
+        for indices, images, labels in read_batches(dataset, todo, cfg):
             with accelerator.autocast():
-                top, bottom = model.encode(images)
-            writer.put_batch(indices, [top.cpu(), bottom.cpu()], [label for _, label in items])
+                codes = model.encode(images.to(accelerator.device))
+            writer.put_batch(indices, [level_codes.cpu() for level_codes in codes], labels)
             done += len(indices)
             bar.update(len(indices))
         bar.close()

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from vqgen.bundle import CLASSIFIER, COMPONENTS
+from vqgen.bundle import CLASSIFIER, run_components
 from vqgen.config import SampleStageConfig
 from vqgen.errors import ConfigError
 from vqgen.configtools import split_by_role
@@ -49,16 +49,18 @@ def parts_key(cfg: SampleStageConfig) -> str:
 def stage_plan(cfg: SampleStageConfig) -> SamplePlan:
     """The stage's settings as the library's plan (``label = -1``: labels drawn uniformly)."""
     return SamplePlan(num_samples=cfg.num_samples, batch_size=cfg.batch_size, seed=cfg.seed, top=cfg.top,
-                      bottom=cfg.bottom, labels=(cfg.label,) if cfg.label >= 0 else (), rejection=cfg.rejection)
+                      bottom=cfg.bottom, middle=cfg.middle, labels=(cfg.label,) if cfg.label >= 0 else (), rejection=cfg.rejection)
 
 
-def model_dirs(cfg: SampleStageConfig) -> tuple[str, ...]:
-    """The run's model folders this stage reads: the classifier's only with rejection sampling."""
-    return (*COMPONENTS, CLASSIFIER) if cfg.rejection.active else COMPONENTS
+def model_dirs(run_dir: Path, cfg: SampleStageConfig) -> tuple[str, ...]:
+    """The run's model folders this stage reads (the VQ-VAE, a prior per level); the classifier's
+    only with rejection sampling."""
+    components = run_components(run_dir)
+    return (*components, CLASSIFIER) if cfg.rejection.active else components
 
 
 def _models_key(run_dir: Path, cfg: SampleStageConfig) -> str:
-    return "".join(read_export_info(run_dir / d)["sha256"] for d in model_dirs(cfg))
+    return "".join(read_export_info(run_dir / d)["sha256"] for d in model_dirs(run_dir, cfg))
 
 
 def _reset_parts_if_stale(parts: Path, key: str) -> None:
@@ -94,7 +96,7 @@ def run(sections: dict, run_dir: Path, accelerator: Accelerator) -> StageResult:
         _reset_parts_if_stale(parts, parts_key(cfg) + _models_key(run_dir, cfg))
     accelerator.wait_for_everyone()
     device, main = accelerator.device, accelerator.is_main_process
-    models = VQGen(*(load_model(run_dir / d, device=device)[0] for d in COMPONENTS),
+    models = VQGen(*(load_model(run_dir / d, device=device)[0] for d in run_components(run_dir)),
                    classifier=load_model(run_dir / CLASSIFIER, device=device)[0] if cfg.rejection.active else None,
                    cached=cfg.cached, cuda_graphs=cfg.cuda_graphs)
     if cfg.label >= 0:
@@ -124,5 +126,7 @@ def _rejection_upstream(sections: dict) -> tuple[str, ...]:
     return ("train-classifier",) if sections["sample"].rejection.active else ()
 
 
-STAGES = (Stage("sample", DIR, ("run", "sample"), ("train-vqvae", "train-prior-top", "train-prior-bottom"), run,
-                conditional_upstream=_rejection_upstream),)
+def stages(levels: tuple[str, ...]) -> tuple[Stage, ...]:
+    """The sample stage of a hierarchy with ``levels`` (top first): it reads every level's prior."""
+    return (Stage("sample", DIR, ("run", "sample"), ("train-vqvae", *(f"train-prior-{level}" for level in levels)),
+                  run, conditional_upstream=_rejection_upstream),)

@@ -1,10 +1,11 @@
 """Stage train-prior: train the gated PixelCNN prior of one level on the extracted codes.
 
-Writes ``prior-top/`` or ``prior-bottom/``: ``checkpoints/``, ``model.safetensors`` + ``model.json``,
-``metrics.csv`` (train and validation bits/dim), ``samples.png`` while training, ``manifest.json``.
-The bottom prior is trained first in a pipeline, so the top prior's ``samples.png`` shows full
-ancestral samples (top codes → bottom codes → image); a bottom prior's samples are bottom codes
-drawn for the top codes of real held-out images. The export holds the weights with the lowest
+Writes ``prior-LEVEL/`` (``prior-top/``, ``prior-bottom/``, ...): ``checkpoints/``,
+``model.safetensors`` + ``model.json``, ``metrics.csv`` (train and validation bits/dim),
+``samples.png`` while training, ``manifest.json``. The priors are trained bottom first in a
+pipeline, so the top prior's ``samples.png`` shows full ancestral samples (top codes → the codes
+below → image); a lower prior's samples are its codes drawn for the codes above of real held-out
+images. The export holds the weights with the lowest
 validation bits/dim among the evaluations (``train.export_best``): on small datasets the priors,
 the bottom one especially, overfit long before the last step. With ``train.ema_decay`` the
 evaluations, and so the export, are of the weight average (see ``vqgen/ema.py``).
@@ -15,7 +16,6 @@ from __future__ import annotations
 import functools
 import math
 from pathlib import Path
-from typing import Literal
 
 import torch
 from accelerate import Accelerator
@@ -33,54 +33,67 @@ from vqgen.pictures import save_grid
 from vqgen.sampling import SamplerConfig, sample
 from vqgen.train import best_weights, fit
 
-Level = Literal["top", "bottom"]
-
-
-def stage_dir_name(level: Level) -> str:
+def stage_dir_name(level: str) -> str:
     return f"prior-{level}"
 
 
-def store_layout(store: CodeDataset, level: Level, class_conditional: bool) -> PriorLayout:
+def levels_above(store: CodeDataset, level: str) -> tuple[str, ...]:
+    """The levels whose codes condition ``level``'s prior: every one above it, top first."""
+    names = tuple(store.shapes)
+    if level not in names:
+        raise ConfigError("levels", f"the code store has no level {level!r} (it holds {', '.join(names)})")
+    return names[: names.index(level)]
+
+
+def store_layout(store: CodeDataset, level: str, class_conditional: bool) -> PriorLayout:
     """What the prior of ``level`` models and reads, as the code store holds it."""
     if class_conditional and store.num_classes == 0:
         raise ConfigError("class_conditional", "the code store holds no class labels")
-    bottom = level == "bottom"
+    above = levels_above(store, level)
+    nearest, upper = (above[-1], above[:-1]) if above else (None, ())
     return PriorLayout(
         num_codes=store.num_codes[level],
         shape=tuple(store.shapes[level]),
         num_classes=store.num_classes if class_conditional else 0,
-        condition_num_codes=store.num_codes["top"] if bottom else 0,
-        condition_shape=tuple(store.shapes["top"]) if bottom else (),
+        condition_num_codes=store.num_codes[nearest] if nearest else 0,
+        condition_shape=tuple(store.shapes[nearest]) if nearest else (),
+        upper_num_codes=tuple(store.num_codes[name] for name in upper),
+        upper_shapes=tuple(tuple(store.shapes[name]) for name in upper),
     )
 
 
 @torch.no_grad()
-def write_samples(prior, level: Level, run_dir: Path, eval_store, n: int, path: Path, device) -> None:
-    """``samples.png``: decoded samples of the prior being trained (see the module docstring)."""
+def write_samples(prior, level: str, run_dir: Path, eval_store, n: int, path: Path, device) -> None:
+    """``samples.png``: decoded samples of the prior being trained. The levels above it are real
+    held-out codes, ``level`` is drawn from ``prior``, and the levels below are drawn from their
+    priors when every one of them has been exported (the priors train bottom first, so the top
+    prior's pictures are full ancestral samples), else real codes."""
     vqvae, _, _ = load_model(run_dir / "vqvae", device=device)
+    names = tuple(eval_store.shapes)
     generator = torch.Generator(device="cpu").manual_seed(0)
-    labels = None
-    if prior.layout.num_classes:
-        labels = torch.arange(n, device=device) % prior.layout.num_classes
     real = [eval_store[i] for i in range(min(n, len(eval_store)))]
-    if level == "top":
-        top = sample(prior, len(real), labels=labels[: len(real)] if labels is not None else None,
-                     config=SamplerConfig(), generator=generator)
-        bottom_dir = run_dir / stage_dir_name("bottom")
-        if (bottom_dir / "model.json").exists():
-            bottom_prior, _, _ = load_model(bottom_dir, device=device)
-            bottom = sample(bottom_prior, len(real), labels=labels[: len(real)] if bottom_prior.layout.num_classes else None,
-                            condition=top, config=SamplerConfig(), generator=generator)
-        else:  # no bottom prior yet: show the top samples over real bottom codes
-            bottom = torch.stack([r["bottom"] for r in real]).to(device)
+    labels = torch.tensor([r["label"] for r in real], device=device) if eval_store.num_classes else None
+    if prior.layout.num_classes and labels is None:
+        labels = torch.arange(len(real), device=device) % prior.layout.num_classes
+    index = names.index(level)
+    codes = [torch.stack([r[name] for r in real]).to(device) for name in names[:index]]
+    codes.append(_draw(prior, len(real), codes, labels, generator))
+    below = [run_dir / stage_dir_name(name) for name in names[index + 1 :]]
+    if all((folder / "model.json").exists() for folder in below):
+        for folder in below:
+            codes.append(_draw(load_model(folder, device=device)[0], len(real), codes, labels, generator))
     else:
-        top = torch.stack([r["top"] for r in real]).to(device)
-        lab = torch.tensor([r["label"] for r in real], device=device) if prior.layout.num_classes else None
-        bottom = sample(prior, len(real), labels=lab, condition=top, config=SamplerConfig(), generator=generator)
-    save_grid(vqvae.decode_codes(top.to(device), bottom.to(device)).float().cpu(), path)
+        codes += [torch.stack([r[name] for r in real]).to(device) for name in names[index + 1 :]]
+    save_grid(vqvae.decode_codes(*codes).float().cpu(), path)
 
 
-def run(sections: dict, run_dir: Path, accelerator: Accelerator, *, level: Level) -> StageResult:
+def _draw(prior, n: int, above: list[torch.Tensor], labels, generator) -> torch.Tensor:
+    """``n`` code maps of one level drawn from ``prior`` given the levels ``above`` it."""
+    return sample(prior, n, labels=labels if prior.layout.num_classes else None, condition=tuple(above) or None,
+                  config=SamplerConfig(), generator=generator)
+
+
+def run(sections: dict, run_dir: Path, accelerator: Accelerator, *, level: str) -> StageResult:
     cfg: PriorStageConfig = sections[f"prior.{level}"]
     stage_dir = run_dir / stage_dir_name(level)
     codes_dir = run_dir / "codes"
@@ -88,11 +101,12 @@ def run(sections: dict, run_dir: Path, accelerator: Accelerator, *, level: Level
     eval_path = codes_dir / "eval.lmdb"
     eval_store = CodeDataset(eval_path) if eval_path.exists() else train_store
     layout = store_layout(train_store, level, cfg.class_conditional)
+    above = levels_above(train_store, level)
     model = GatedPixelCNN(cfg.model, layout)
     eval_loader = shard_loader(eval_store, cfg.train.batch_size, accelerator, cfg.train.num_workers)
 
     def evaluate(model):
-        bpd = prior_bits_per_dim(model, eval_loader, accelerator, level, cfg.class_conditional, cfg.eval_batches)
+        bpd = prior_bits_per_dim(model, eval_loader, accelerator, level, cfg.class_conditional, cfg.eval_batches, above)
         return {"val_bits_per_dim": bpd}
 
     def snapshot(model, step):
@@ -100,10 +114,10 @@ def run(sections: dict, run_dir: Path, accelerator: Accelerator, *, level: Level
             write_samples(model, level, run_dir, eval_store, cfg.num_sample_images, stage_dir / "samples.png", accelerator.device)
             log_images(accelerator, {"samples": stage_dir / "samples.png"}, step)
 
-    loss_fn = prior_loss_fn(level, cfg.class_conditional)
+    loss_fn = prior_loss_fn(level, cfg.class_conditional, above)
     state = fit(model, train_store, cfg.train, accelerator, stage_dir, loss_fn, evaluate, snapshot, "val_bits_per_dim")
     model = best_weights(accelerator.unwrap_model(model), state, stage_dir)
-    bpd = prior_bits_per_dim(model, eval_loader, accelerator, level, cfg.class_conditional)
+    bpd = prior_bits_per_dim(model, eval_loader, accelerator, level, cfg.class_conditional, above=above)
     checksum = export_model(model, stage_dir) if accelerator.is_main_process else None
     outputs = {"model": "model.safetensors", "model_sha256": checksum, "steps": state.step,
                "exported_step": state.best_step if state.best_step >= 0 else state.step}
@@ -111,9 +125,11 @@ def run(sections: dict, run_dir: Path, accelerator: Accelerator, *, level: Level
     return StageResult(outputs, metrics, files=("model.safetensors", "model.json"))
 
 
-# Bottom first: the top prior's training pictures are then full ancestral samples.
-STAGES = tuple(
-    Stage(f"train-prior-{level}", stage_dir_name(level), ("run", f"prior.{level}"), ("extract-codes",),
-          functools.partial(run, level=level))
-    for level in ("bottom", "top")
-)
+def stages(levels: tuple[str, ...]) -> tuple[Stage, ...]:
+    """One train-prior stage per level (``levels`` top first), the bottom one first: the priors
+    above then draw full ancestral samples in their training pictures."""
+    return tuple(
+        Stage(f"train-prior-{level}", stage_dir_name(level), ("run", f"prior.{level}"), ("extract-codes",),
+              functools.partial(run, level=level))
+        for level in reversed(levels)
+    )

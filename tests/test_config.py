@@ -43,6 +43,10 @@ def test_overrides_are_typed_and_nested():
         ("data.image_size=30", "data.image_size", "multiple of 8"),
         ("sample.top.top_p=2", "sample.top.top_p", ""),
         ("colour=blue", "colour", "unknown key"),
+        ("prior.middle.train.steps=3", "prior.middle", "names no level of the VQ-VAE (vqvae.model levels: top, bottom)"),
+        ("sample.middle.top.temperature=0.5", "sample.middle.top", "names no level between the top and the bottom"),
+        ('vqvae.model.levels=[{name="top", downsample=64}, {name="bottom", downsample=4}]', "data.image_size",
+         "must be a multiple of 64"),
     ],
 )
 def test_bad_values_name_the_key(override, key, words):
@@ -73,6 +77,18 @@ def test_resolved_config_round_trips():
     cfg = load_config(PIPELINES[0], ["vqvae.train.lr=0.002"])
     again = from_dict(PipelineConfig, loads_toml(config_to_toml(cfg)))
     assert again == cfg
+
+
+def test_a_three_level_config_has_a_prior_section_per_level_and_round_trips():
+    levels = '[{name="top", downsample=32}, {name="middle", downsample=16}, {name="bottom", downsample=8}]'
+    cfg = load_config(None, [f"vqvae.model.levels={levels}", "data.image_size=64", "prior.middle.train.steps=7",
+                             "sample.middle.middle.temperature=0.5"])
+    assert list(cfg.prior) == ["top", "middle", "bottom"]
+    assert cfg.prior["middle"].train.steps == 7 and cfg.prior["bottom"].train.steps == cfg.prior["top"].train.steps
+    assert cfg.sample.middle["middle"].temperature == 0.5
+    text = config_to_toml(cfg)
+    assert "[[vqvae.model.levels]]" in text and "[prior.middle.train]" in text
+    assert from_dict(PipelineConfig, loads_toml(text)) == cfg
 
 
 def test_cli_reports_config_errors_without_a_traceback(tmp_path):

@@ -76,7 +76,7 @@ def test_a_version_1_vqvae_export_loads_to_the_same_model(tmp_path):
     with torch.no_grad():
         expected, got = model(x), loaded(x)
     torch.testing.assert_close(got.recon, expected.recon, rtol=0, atol=0)
-    assert torch.equal(got.codes_top, expected.codes_top) and torch.equal(got.codes_bottom, expected.codes_bottom)
+    assert all(torch.equal(got.codes[level], expected.codes[level]) for level in ("top", "bottom"))
 
 
 def test_an_unknown_export_version_is_a_checkpoint_error_naming_it(tmp_path):

@@ -65,3 +65,17 @@ def test_store_of_another_model_is_restarted(run_cfg):
     run_single_stage(run_cfg, "extract-codes")
     meta = read_store_meta(partial)
     assert meta["complete"] and meta["source_checksum"] == checksum and meta["count"] == 30
+
+
+def test_worker_processes_write_the_same_store(run_cfg):
+    """``codes.num_workers`` only reads the images elsewhere: same records, same checksum."""
+    from vqgen.config import load_config
+    from vqgen.data import store_checksum
+
+    run_dir = run_cfg.run_dir
+    run_single_stage(run_cfg, "extract-codes")
+    serial = records(run_dir / "codes" / "codes.lmdb"), store_checksum(run_dir / "codes" / "codes.lmdb")
+    shutil.rmtree(run_dir / "codes")
+    parallel_cfg = load_config(run_dir / "config.toml", ["codes.num_workers=2"])
+    run_single_stage(parallel_cfg, "extract-codes")
+    assert (records(run_dir / "codes" / "codes.lmdb"), store_checksum(run_dir / "codes" / "codes.lmdb")) == serial

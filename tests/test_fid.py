@@ -24,7 +24,7 @@ SHARED_DATA = Path(os.environ.get("VQGEN_TEST_DATA", Path(__file__).resolve().pa
 WEIGHTS = SHARED_DATA / "inception" / "pt_inception-2015-12-05-nofc.pth"
 CIFAR_NPZ = SHARED_DATA / "cifar10-subset" / "cifar10_subset.npz"
 FASHION_TEST_IMAGES = SHARED_DATA / "fashion-mnist" / "FashionMNIST" / "raw" / "t10k-images-idx3-ubyte.gz"
-N_IMAGES = 100
+N_IMAGES = 50
 BATCH = 50
 
 if not all(p.is_file() for p in (WEIGHTS, CIFAR_NPZ, FASHION_TEST_IMAGES)):

@@ -7,7 +7,7 @@ import torch
 
 from prior_settings import tiny_prior
 
-from vqgen.errors import ConfigError
+from vqgen.errors import ConfigError, DataError
 from vqgen.sampling import (
     IncrementalPrior,
     SamplerConfig,
@@ -28,6 +28,8 @@ BOTTOM = dict(
     num_codes=16, shape=(8, 8), channels=32, num_layers=4, kernel_size=3, dropout=0.0, num_classes=2,
     condition_num_codes=8, condition_shape=(4, 4), condition_channels=16, condition_res_blocks=1,
 )
+# The bottom of three levels: conditioned on the middle map (4x4) and the top map (2x2).
+BOTTOM_OF_THREE = dict(BOTTOM, upper_num_codes=(5,), upper_shapes=((2, 2),))
 # Non-square map, attention after every layer, k=7 (window wider than the map's first columns).
 ODD = dict(
     num_codes=10, shape=(5, 7), channels=16, num_layers=3, kernel_size=7, attention_every=1,
@@ -41,15 +43,12 @@ def build(settings: dict, batch: int, seed: int = 0):
     cfg = prior.layout
     g = torch.Generator().manual_seed(seed + 1)
     labels = torch.randint(0, cfg.num_classes, (batch,), generator=g) if cfg.num_classes else None
-    condition = (
-        torch.randint(0, cfg.condition_num_codes, (batch, *cfg.condition_shape), generator=g)
-        if cfg.condition_num_codes
-        else None
-    )
+    maps = tuple(torch.randint(0, k, (batch, *shape), generator=g) for k, shape in cfg.conditions)
+    condition = None if not maps else maps[0] if len(maps) == 1 else maps
     return prior, labels, condition
 
 
-@pytest.mark.parametrize("settings", [TOP, BOTTOM, ODD], ids=["top", "bottom", "odd"])
+@pytest.mark.parametrize("settings", [TOP, BOTTOM, BOTTOM_OF_THREE, ODD], ids=["top", "bottom", "bottom-of-three", "odd"])
 def test_cached_logits_match_full_logits_at_every_position(settings):
     batch = 3
     prior, labels, condition = build(settings, batch)
@@ -69,7 +68,7 @@ def test_cached_logits_match_full_logits_at_every_position(settings):
         state.step_logits()
 
 
-@pytest.mark.parametrize("settings", [TOP, BOTTOM], ids=["top", "bottom"])
+@pytest.mark.parametrize("settings", [TOP, BOTTOM, BOTTOM_OF_THREE], ids=["top", "bottom", "bottom-of-three"])
 def test_cached_and_full_sampling_give_the_same_codes(settings):
     prior, labels, condition = build(settings, batch=2)
     config = SamplerConfig(temperature=1.0, top_k=8)
@@ -236,3 +235,17 @@ def test_sampler_config_rejects_bad_values(settings, key):
     with pytest.raises(ConfigError) as err:
         SamplerConfig(**settings)
     assert err.value.key == key
+
+
+def test_a_prior_below_two_levels_reads_both_maps():
+    """Changing either level above changes the logits; one map alone is refused by name."""
+    prior, labels, (top, middle) = build(BOTTOM_OF_THREE, batch=2)
+    codes = torch.randint(0, 16, (2, 8, 8), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        base = prior(codes, labels, (top, middle))
+        assert not torch.allclose(base, prior(codes, labels, ((top + 1) % 5, middle)))
+        assert not torch.allclose(base, prior(codes, labels, (top, (middle + 1) % 8)))
+    with pytest.raises(DataError, match="conditioned on 2 code map"):
+        prior(codes, labels, middle)
+    with pytest.raises(DataError, match=r"condition\[0\]: expected shape \[B, 2, 2\]"):
+        prior(codes, labels, (middle, middle))

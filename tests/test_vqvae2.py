@@ -1,4 +1,4 @@
-"""Two-level VQ-VAE-2: shapes, top-to-bottom conditioning, encode/decode round trip, training, errors."""
+"""Hierarchical VQ-VAE-2 (two levels by default, any depth by config): shapes, top-to-bottom conditioning, encode/decode round trip, training, errors."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from vqgen.configtools import from_dict, to_dict
 from vqgen.errors import ConfigError, DataError
 from vqgen.models.quantize import QuantizerConfig
-from vqgen.models.vqvae2 import VQVAE2, VQVAEConfig
+from vqgen.models.vqvae2 import VQVAE2, LevelConfig, VQVAEConfig
 
 TINY = dict(hidden_channels=16, res_channels=8, num_res_blocks=1)
 TINY_QUANTIZER = dict(num_codes=32, code_dim=8)
@@ -41,10 +41,10 @@ def test_output_shapes(size):
     x = _images(2, size)
     out = model(x)
     assert out.recon.shape == x.shape
-    assert out.codes_top.shape == (2, size // 8, size // 8) and out.codes_top.dtype == torch.int64
-    assert out.codes_bottom.shape == (2, size // 4, size // 4)
-    assert VQVAE2.latent_shapes(size) == ((size // 8, size // 8), (size // 4, size // 4))
-    for scalar in (out.loss, out.recon_loss, out.commitment_loss, out.perplexity_top, out.usage_bottom):
+    assert out.codes["top"].shape == (2, size // 8, size // 8) and out.codes["top"].dtype == torch.int64
+    assert out.codes["bottom"].shape == (2, size // 4, size // 4)
+    assert model.latent_shapes(size) == ((size // 8, size // 8), (size // 4, size // 4))
+    for scalar in (out.loss, out.recon_loss, out.commitment_loss, out.perplexity["top"], out.usage["bottom"]):
         assert scalar.dim() == 0 and torch.isfinite(scalar)
     expected = out.recon_loss + model.config.latent_loss_weight * out.commitment_loss
     torch.testing.assert_close(out.loss, expected)
@@ -73,7 +73,7 @@ def test_decode_codes_matches_forward_in_eval():
     with torch.no_grad():
         out = model(x)
     codes_top, codes_bottom = model.encode(x)
-    assert torch.equal(codes_top, out.codes_top) and torch.equal(codes_bottom, out.codes_bottom)
+    assert torch.equal(codes_top, out.codes["top"]) and torch.equal(codes_bottom, out.codes["bottom"])
     torch.testing.assert_close(model.decode_codes(codes_top, codes_bottom), out.recon, atol=1e-5, rtol=1e-5)
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), key
@@ -148,7 +148,7 @@ def test_bad_image_size_is_a_clear_error():
     with pytest.raises(DataError, match="expected images of shape"):
         model(_images(1, 32, channels=1))
     with pytest.raises(ConfigError, match="^image_size:"):
-        VQVAE2.latent_shapes(36)
+        model.latent_shapes(36)
     with pytest.raises(DataError, match="codes must lie in"):
         model.decode_codes(torch.full((1, 4, 4), 32), torch.zeros(1, 8, 8, dtype=torch.long))
 
@@ -186,3 +186,78 @@ def test_levels_can_have_different_codebook_sizes():
         with pytest.raises(DataError, match=r"bottom codes must lie in \[0, 8\)"):
             model.decode_codes(top, torch.full_like(bottom, 8))
         model.decode_codes(torch.full_like(top, 31), bottom)  # 31 is a valid top code
+
+
+THREE_LEVELS = (LevelConfig(name="top", downsample=16, num_codes=16), LevelConfig(name="middle", downsample=8),
+                LevelConfig(name="bottom", downsample=4, num_codes=8))
+
+
+def test_the_default_two_levels_are_one_case_of_the_list():
+    """Levels spelled out as the defaults give the same model: same weight names, same initial
+    weights for a seed, so two-level checkpoints load into either."""
+    default = _model()
+    explicit = _model(levels=(LevelConfig(name="top", downsample=8), LevelConfig(name="bottom", downsample=4)))
+    a, b = default.state_dict(), explicit.state_dict()
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert [name for name, _ in default.named_children()][:3] == ["encoder_bottom", "encoder_top", "pre_quant_top"]
+    assert tiny_config().hierarchy == (LevelConfig(name="top", downsample=8, num_codes=32),
+                                       LevelConfig(name="bottom", downsample=4, num_codes=32))
+
+
+def test_three_levels_encode_decode_and_train():
+    model = _model(levels=THREE_LEVELS)
+    x = _images(2, 64)
+    out = model(x)
+    assert {k: tuple(v.shape) for k, v in out.codes.items()} == {"top": (2, 4, 4), "middle": (2, 8, 8), "bottom": (2, 16, 16)}
+    assert int(out.codes["top"].max()) < 16 and int(out.codes["bottom"].max()) < 8
+    assert model.latent_shapes(64) == ((4, 4), (8, 8), (16, 16))
+    out.loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+    model.eval()
+    with torch.no_grad():
+        codes = model.encode(x)
+        torch.testing.assert_close(model.decode_codes(*codes), model(x).recon, atol=1e-5, rtol=1e-5)
+    with pytest.raises(DataError, match="takes 3 code maps"):
+        model.decode_codes(*codes[1:])
+    with pytest.raises(DataError, match="needs middle"):
+        model.decode_codes(codes[0], codes[0], codes[2])
+
+
+def _bottom_quantizer_input(model: VQVAE2, x: torch.Tensor) -> torch.Tensor:
+    seen = []
+    handle = model.quantizer_bottom.register_forward_hook(lambda module, args, out: seen.append(args[0]))
+    model.encode(x)
+    handle.remove()
+    return seen[0]
+
+
+def test_each_level_is_quantized_given_every_level_above():
+    """What the bottom quantizer sees changes when either level above changes its codebook."""
+    model = _model(levels=THREE_LEVELS).eval()
+    x = _images(4, 64)
+    bottom = _bottom_quantizer_input(model, x)
+    for level in ("top", "middle"):
+        changed = _model(levels=THREE_LEVELS).eval()
+        with torch.no_grad():
+            getattr(changed, f"quantizer_{level}").codebook.mul_(-3.0)
+        assert not torch.allclose(_bottom_quantizer_input(changed, x), bottom), level
+
+
+@pytest.mark.parametrize("levels, match", [
+    ([{"name": "top", "downsample": 4}, {"name": "bottom", "downsample": 8}], "must decrease"),
+    ([{"name": "top", "downsample": 6}], r"levels\[0\].downsample: must be a power of two"),
+    ([{"name": "a", "downsample": 8}, {"name": "a", "downsample": 4}], "duplicate names"),
+    ([{"name": "label", "downsample": 8}], "identifier other than 'label'"),
+    ([{"name": "top", "downsample": 8, "codes": 3}], r"levels\[0\].codes: unknown key"),
+])
+def test_bad_levels_name_the_key(levels, match):
+    with pytest.raises(ConfigError, match=match):
+        from_dict(VQVAEConfig, {"levels": levels}, prefix="vqvae.model")
+
+
+def test_a_three_level_config_round_trips_and_refuses_bottom_num_codes():
+    cfg = tiny_config(levels=THREE_LEVELS)
+    assert from_dict(VQVAEConfig, to_dict(cfg)) == cfg
+    assert cfg.downsample == 16 and cfg.level_num_codes("middle") == 32
+    with pytest.raises(ConfigError, match="^bottom_num_codes: is for the default two levels"):
+        tiny_config(levels=THREE_LEVELS, bottom_num_codes=4)

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 TINY_PIPELINE = Path(__file__).resolve().parent / "pipelines" / "tiny.toml"
+TINY_THREE_LEVELS = TINY_PIPELINE.with_name("tiny-three-levels.toml")
 # The real test data (Fashion-MNIST, the CIFAR-10 subset, the Inception weights); tests skip without it.
 SHARED_DATA = Path(os.environ.get("VQGEN_TEST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 INCEPTION_NOFC = Path("inception") / "pt_inception-2015-12-05-nofc.pth"
@@ -26,8 +27,8 @@ class TinyPipeline:
     """``tests/pipelines/tiny.toml`` run through the ``vqgen`` command as users run it, in its own
     folder, with one process or several under ``torchrun`` (gloo on the CPU)."""
 
-    def __init__(self, root: Path, weights: Path, name: str = "tiny"):
-        self.root, self.weights, self.name = root, weights, name
+    def __init__(self, root: Path, weights: Path, name: str = "tiny", pipeline: Path = TINY_PIPELINE):
+        self.root, self.weights, self.name, self.pipeline = root, weights, name, pipeline
 
     @property
     def run_dir(self) -> Path:
@@ -46,7 +47,7 @@ class TinyPipeline:
         overrides = [item for s in (*base, *sets) for item in ("--set", s)]
         # The config comes after the command (and the stage's name): `fid CONFIG SAMPLES` needs it there.
         head = 2 if args[0] == "stage" else 1
-        return [*launch, "-m", "vqgen.cli", *args[:head], str(TINY_PIPELINE), *args[head:], *overrides]
+        return [*launch, "-m", "vqgen.cli", *args[:head], str(self.pipeline), *args[head:], *overrides]
 
     def start(self, *args: str, procs: int = 1, sets: tuple[str, ...] = (), wrap: tuple[str, ...] = (),
               launcher: str = "torchrun") -> subprocess.Popen:

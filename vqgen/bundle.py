@@ -1,14 +1,14 @@
-"""Where a trained generator's three models come from: a run folder, a model bundle, or a Hub repo.
+"""Where a trained generator's models come from: a run folder, a model bundle, or a Hub repo.
 
-A bundle is the three exports of a run in one folder (``vqgen export RUN OUT``), laid out as a
-Hugging Face Hub model repository, so it can be pushed as it is::
+A bundle is the exports of a run in one folder (``vqgen export RUN OUT``), the VQ-VAE and one prior
+per level, laid out as a Hugging Face Hub model repository, so it can be pushed as it is::
 
     BUNDLE/
       config.json     format "vqgen-bundle": image size, channels, normalisation, class names,
                       each component's class and sha256
       README.md       model card: data, training steps, metrics (RUN/eval/metrics.json)
       vqvae/          config.json (the model export's JSON) + model.safetensors
-      prior-top/      the same
+      prior-top/      the same, one folder per level (prior-middle/ in a three-level model)
       prior-bottom/   the same
       classifier/     the same, when the run trained one (train-classifier): the scorer of
                       rejection sampling (``vqgen sample --threshold``, ``--keep-fraction``)
@@ -33,7 +33,7 @@ from vqgen.errors import CheckpointError, VQGenError
 from vqgen.models.export import load_model, read_export_info
 from vqgen.utils import atomic_write_json, atomic_write_text, storage_errors
 
-COMPONENTS = ("vqvae", "prior-top", "prior-bottom")
+VQVAE = "vqvae"
 CLASSIFIER = "classifier"
 """The optional component: the classifier that scores samples for rejection sampling."""
 FORMAT = "vqgen-bundle"
@@ -86,12 +86,32 @@ def is_bundle(root: Path) -> bool:
         return False
 
 
+def prior_component(level: str) -> str:
+    return f"prior-{level}"
+
+
+def components_of(vqvae) -> tuple[str, ...]:
+    """The VQ-VAE and one prior per level of its hierarchy, top first."""
+    return level_components(vqvae.config.level_names)
+
+
+def level_components(level_names: tuple[str, ...]) -> tuple[str, ...]:
+    return (VQVAE, *(prior_component(name) for name in level_names))
+
+
+def run_components(run_dir: Path) -> tuple[str, ...]:
+    """:func:`components_of` the VQ-VAE a run exported (its JSON only: no weights are read)."""
+    from vqgen.models.export import read_export_config
+
+    return level_components(read_export_config(run_dir / VQVAE).level_names)
+
+
 class Components(NamedTuple):
     """What :func:`load_components` loads."""
 
     vqvae: torch.nn.Module
-    prior_top: torch.nn.Module
-    prior_bottom: torch.nn.Module
+    priors: tuple[torch.nn.Module, ...]
+    """One per level, top first."""
     classifier: torch.nn.Module | None
     """The rejection-sampling classifier, when the run trained one (None otherwise)."""
     info: ModelInfo
@@ -114,7 +134,7 @@ def load_components(path: str | Path, device: str | torch.device = "cpu") -> Com
         load = _load_bundle_component
         models, checksums = _load_checked(load, root, device)
         meta = json.loads((root / "config.json").read_text())
-        _check_bundle_config(meta, *models[:2], root)
+        _check_bundle_config(meta, models[0], models[1], root)
         names = partial(tuple, meta.get("class_names", ()))
         has_classifier = CLASSIFIER in meta.get("components", {})
     else:
@@ -123,16 +143,17 @@ def load_components(path: str | Path, device: str | torch.device = "cpu") -> Com
     classifier = None
     if has_classifier:
         classifier, checksums[CLASSIFIER] = load(root, CLASSIFIER, device)
-    return Components(*models, classifier, ModelInfo(str(path), checksums, names))
+    return Components(models[0], tuple(models[1:]), classifier, ModelInfo(str(path), checksums, names))
 
 
 def _load_checked(load: Callable, root: Path, device) -> tuple[list[torch.nn.Module], dict[str, str]]:
-    """The three components by ``load(root, component, device) -> (model, sha256)``, checked to
-    belong together; returns ``([vqvae, prior_top, prior_bottom], {component: sha256})``."""
-    loaded = [load(root, c, device) for c in COMPONENTS]
+    """The VQ-VAE and its priors by ``load(root, component, device) -> (model, sha256)``, checked
+    to belong together; returns ``([vqvae, prior per level...], {component: sha256})``."""
+    loaded = [load(root, VQVAE, device)]
+    loaded += [load(root, c, device) for c in components_of(loaded[0][0])[1:]]
     models = [model for model, _ in loaded]
-    check_compatible(*models, root)
-    return models, {c: checksum for c, (_, checksum) in zip(COMPONENTS, loaded)}
+    check_compatible(models[0], models[1:], root)
+    return models, {c: checksum for c, (_, checksum) in zip(components_of(models[0]), loaded)}
 
 
 def _load_run_component(root: Path, component: str, device) -> tuple[torch.nn.Module, str]:
@@ -151,32 +172,49 @@ def _load_bundle_component(root: Path, component: str, device) -> tuple[torch.nn
     return model, checksum
 
 
-def check_compatible(vqvae, prior_top, prior_bottom, where: Path) -> None:
-    """A CheckpointError naming the component that does not fit the VQ-VAE's codebooks and code maps."""
-    cfg, top, bottom = vqvae.config, prior_top.layout, prior_bottom.layout
-    top_codes, bottom_codes = cfg.level_num_codes("top"), cfg.level_num_codes("bottom")
-    problems = [
-        f"prior-top has a codebook size of {top.num_codes}, the VQ-VAE's top codebook {top_codes}"
-        * (top.num_codes != top_codes),
-        f"prior-bottom has a codebook size of {bottom.num_codes}, the VQ-VAE's bottom codebook {bottom_codes}"
-        * (bottom.num_codes != bottom_codes),
-        f"prior-bottom is conditioned on {bottom.condition_num_codes} top codes, the VQ-VAE's top codebook "
-        f"has {top_codes}" * (bottom.condition_num_codes != top_codes),
-        f"prior-bottom's code map {list(bottom.shape)} is not twice prior-top's {list(top.shape)}"
-        * (tuple(bottom.shape) != tuple(2 * s for s in top.shape) or tuple(bottom.condition_shape) != tuple(top.shape)),
-        f"prior-bottom has {bottom.num_classes} classes, prior-top {top.num_classes}"
-        * (bool(bottom.num_classes) and bottom.num_classes != top.num_classes),
-    ]
+def check_compatible(vqvae, priors, where: Path) -> None:
+    """A CheckpointError naming the prior that does not fit the VQ-VAE's codebooks and code maps
+    (``priors``: one per level, top first)."""
+    levels = vqvae.config.hierarchy
+    top = priors[0].layout
+    problems = []
+    for i, (level, prior) in enumerate(zip(levels, priors)):
+        name, layout = prior_component(level.name), prior.layout
+        shape = level_shape(top.shape, levels[0], level)
+        expected_conditions = tuple((above.num_codes, level_shape(top.shape, levels[0], above)) for above in levels[:i])
+        problems += [
+            f"{name} has a codebook size of {layout.num_codes}, the VQ-VAE's {level.name} codebook {level.num_codes}"
+            * (layout.num_codes != level.num_codes),
+            f"{name}'s code map {list(layout.shape)} does not fit {prior_component(levels[0].name)}'s "
+            f"{list(top.shape)} (expected {list(shape)})" * (tuple(layout.shape) != shape),
+            f"{name} is conditioned on {[k for k, _ in layout.conditions]} codes of shapes "
+            f"{[list(sh) for _, sh in layout.conditions]}, the VQ-VAE's levels above it have "
+            f"{[k for k, _ in expected_conditions]} of {[list(sh) for _, sh in expected_conditions]}"
+            * (layout.conditions != expected_conditions),
+            f"{name} has {layout.num_classes} classes, {prior_component(levels[0].name)} {top.num_classes}"
+            * (bool(layout.num_classes) and layout.num_classes != top.num_classes),
+        ]
     problems = [p for p in problems if p]
     if problems:
         raise CheckpointError(f"{where}: the models do not belong together (mismatched codebook sizes or "
                               f"shapes): {'; '.join(problems)}")
 
 
+def level_shape(top_shape, top_level, level) -> tuple[int, ...]:
+    """The code map shape of ``level`` in a model whose top level's map is ``top_shape``."""
+    ratio = top_level.downsample // level.downsample
+    return tuple(ratio * s for s in top_shape)
+
+
+def image_side(vqvae, prior_top) -> int:
+    """The side of the images the generator makes."""
+    return vqvae.config.downsample * prior_top.layout.shape[0]
+
+
 def classifier_mismatch(classifier, vqvae, prior_top) -> str | None:
     """Why ``classifier`` cannot score the generator's images (other channels, size or classes),
     or None when it can."""
-    layout, side = classifier.layout, 8 * prior_top.layout.shape[0]
+    layout, side = classifier.layout, image_side(vqvae, prior_top)
     classes = prior_top.layout.num_classes
     problems = [
         f"it reads {layout.in_channels}-channel images, the VQ-VAE makes {vqvae.config.in_channels}"
@@ -221,13 +259,14 @@ def run_class_names(run_dir: Path) -> tuple[str, ...]:
 def export_bundle(run_dir: Path, out: Path) -> Path:
     """Write the bundle of ``run_dir`` to ``out`` (a new or empty folder, or an older bundle, which
     is replaced); the bundle is built beside ``out`` and renamed into place."""
-    vqvae, top, bottom, classifier, info = load_components(run_dir)
+    vqvae, priors, classifier, info = load_components(run_dir)
+    top = priors[0]
     if not (run_dir / "vqvae" / "model.json").exists():
         raise CheckpointError(f"{run_dir}: export takes a run folder (this is already a bundle)")
     if classifier is not None and (problem := classifier_mismatch(classifier, vqvae, top)):
         raise CheckpointError(f"{run_dir / CLASSIFIER}: the classifier does not fit the generator ({problem}): "
                               "run train-classifier again, or move the folder away to export without it")
-    components = (*COMPONENTS, CLASSIFIER) if classifier is not None else COMPONENTS
+    components = (*components_of(vqvae), CLASSIFIER) if classifier is not None else components_of(vqvae)
     if out.exists() and any(out.iterdir()) and not is_bundle(out):
         raise VQGenError(f"{out}: a non-empty folder that is not a model bundle: export into a new folder")
     with storage_errors(out, f"bundle {out}"):
@@ -241,8 +280,8 @@ def export_bundle(run_dir: Path, out: Path) -> Path:
             atomic_write_json(staging / component / "config.json", read_export_info(run_dir / component))
         meta = bundle_config(vqvae, top, info)
         atomic_write_json(staging / "config.json", meta)
-        models = (vqvae, top, bottom, classifier) if classifier is not None else (vqvae, top, bottom)
-        atomic_write_text(staging / "README.md", model_card(run_dir, meta, models))
+        models = (vqvae, *priors, classifier) if classifier is not None else (vqvae, *priors)
+        atomic_write_text(staging / "README.md", model_card(run_dir, meta, components, models))
         if out.exists():
             shutil.rmtree(out)
         staging.replace(out)
@@ -251,7 +290,7 @@ def export_bundle(run_dir: Path, out: Path) -> Path:
 
 def describe(vqvae, prior_top) -> dict:
     """What the models make: image size, channels, pixel range, number of classes."""
-    return {"image_size": 8 * prior_top.layout.shape[0], "channels": vqvae.config.in_channels,
+    return {"image_size": image_side(vqvae, prior_top), "channels": vqvae.config.in_channels,
             "normalization": NORMALIZATION, "num_classes": prior_top.layout.num_classes}
 
 
@@ -261,17 +300,17 @@ def bundle_config(vqvae, prior_top, info: ModelInfo) -> dict:
     return {"format": FORMAT, "version": FORMAT_VERSION, "library_name": "vqgen", **describe(vqvae, prior_top),
             "class_names": list(names),
             "components": {c: {"path": c, "sha256": info.sha256[c]}
-                           for c in (*COMPONENTS, CLASSIFIER) if c in info.sha256}}
+                           for c in (*components_of(vqvae), CLASSIFIER) if c in info.sha256}}
 
 
-def model_card(run_dir: Path, meta: dict, models) -> str:
+def model_card(run_dir: Path, meta: dict, components: tuple[str, ...], models) -> str:
     """A Hub model card: data, training steps and parameters, metrics when the run evaluated."""
     from vqgen.config import load_config
 
     cfg = load_config(run_dir / "config.toml")
     data = cfg.data
-    steps = {"vqvae": cfg.vqvae.train.steps, "prior-top": cfg.prior.top.train.steps,
-             "prior-bottom": cfg.prior.bottom.train.steps, CLASSIFIER: cfg.classifier.train.steps}
+    steps = {"vqvae": cfg.vqvae.train.steps, **{f"prior-{level}": prior.train.steps for level, prior in cfg.prior.items()},
+             CLASSIFIER: cfg.classifier.train.steps}
     classes = ", ".join(meta["class_names"]) or (f"{meta['num_classes']} (unnamed)" if meta["num_classes"] else "none")
     lines = [
         "---", "library_name: vqgen", "tags: [image-generation, vq-vae-2, pixelcnn]", "---", "",
@@ -285,8 +324,8 @@ def model_card(run_dir: Path, meta: dict, models) -> str:
         "## Training", "",
         "| component | steps | parameters | sha256 |", "|---|---|---|---|",
         *(f"| {c} | {steps[c]} | {sum(p.numel() for p in m.parameters()):,} | `{meta['components'][c]['sha256'][:16]}` |"
-          for c, m in zip((*COMPONENTS, CLASSIFIER), models)),
-        "", *_classifier_lines(run_dir / CLASSIFIER, len(models) > len(COMPONENTS)),
+          for c, m in zip(components, models)),
+        "", *_classifier_lines(run_dir / CLASSIFIER, CLASSIFIER in components),
         *_metrics_lines(run_dir / "eval" / "metrics.json"),
         "## Use", "", "```python", "from vqgen import VQGen", "",
         'gen = VQGen.from_pretrained("PATH_OR_REPO_ID")',

@@ -24,6 +24,7 @@ import errno
 import sys
 
 from vqgen.errors import ConfigError, VQGenError
+from vqgen.utils import keep_freed_memory
 
 PRIOR_SHORTHAND = "train-prior"  # `stage train-prior --level top` names `train-prior-top`
 
@@ -54,10 +55,11 @@ def _parser() -> argparse.ArgumentParser:
     run = with_config(sub.add_parser("run", help="run every stage in order, skipping finished ones"))
     run.add_argument("--from", dest="from_stage", help="start at this stage (earlier ones must have finished)")
     stage = sub.add_parser("stage", help="run one stage")
-    stage.add_argument("stage", choices=[*stage_names(), PRIOR_SHORTHAND])
+    stage.add_argument("stage", help=f"one of {', '.join(stage_names())} (one train-prior-LEVEL per level of "
+                                      f"vqvae.model), or {PRIOR_SHORTHAND} with --level")
     with_config(stage)
-    stage.add_argument("--level", choices=("top", "bottom"),
-                       help=f"with {PRIOR_SHORTHAND}: the prior's level (the same as {PRIOR_SHORTHAND}-LEVEL)")
+    stage.add_argument("--level", help=f"with {PRIOR_SHORTHAND}: the prior's level, top, bottom or another of "
+                                       f"vqvae.model.levels (the same as {PRIOR_SHORTHAND}-LEVEL)")
     with_config(sub.add_parser("config", help="print the resolved config"))
     score = sub.add_parser("score", help="FID, KID, IS, precision/recall of any images against a reference")
     score.add_argument("samples", help="a .npz with uint8 images [N, C, H, W] (e.g. a run's samples/samples.npz) "
@@ -222,6 +224,7 @@ def _score(cfg, samples: str, against: str | None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    keep_freed_memory()
     try:
         if args.command == "codes":
             _inspect(args.run_dir)
@@ -251,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
             name = args.stage
             if name == PRIOR_SHORTHAND:
                 if args.level is None:
-                    raise VQGenError(f"{PRIOR_SHORTHAND} needs --level top or --level bottom")
+                    raise VQGenError(f"{PRIOR_SHORTHAND} needs --level LEVEL (top, bottom, or another level of "
+                                     f"vqvae.model: {', '.join(cfg.vqvae.model.level_names)})")
                 name = f"{PRIOR_SHORTHAND}-{args.level}"
             elif args.level is not None:
                 raise VQGenError(f"--level applies to {PRIOR_SHORTHAND} only")

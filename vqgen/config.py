@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 from vqgen.configtools import (
-    apply_overrides, from_dict, load_toml, location_field, schedule_field, switch_field, to_dict, to_toml,
+    added_field, apply_overrides, from_dict, load_toml, location_field, schedule_field, switch_field, to_dict, to_toml,
 )
 from vqgen.data.datasets import DataConfig
 from vqgen.errors import ConfigError
@@ -69,12 +69,17 @@ class CodesStageConfig:
     """Also encode the evaluation split (``codes/eval.lmdb``), for the priors' validation bits/dim."""
     commit_every: int = schedule_field(1024)
     """Records per LMDB write transaction."""
+    num_workers: int = added_field(0, schedule=True)
+    """DataLoader worker processes that read (decode, transform) the images while the VQ-VAE
+    encodes; 0: read in the encoding process."""
 
     def __post_init__(self):
         if self.batch_size < 1:
             raise ConfigError("batch_size", "must be >= 1")
         if self.commit_every < 1:
             raise ConfigError("commit_every", "must be >= 1")
+        if self.num_workers < 0:
+            raise ConfigError("num_workers", f"must be >= 0, got {self.num_workers}")
 
 
 @dataclass(kw_only=True)
@@ -93,12 +98,6 @@ class PriorStageConfig:
     """Decoded samples in ``samples.png``, written every ``train.image_every`` steps."""
     eval_batches: int = 16
     """Validation batches of held-out codes for bits/dim (0: use the whole eval store)."""
-
-
-@dataclass(kw_only=True)
-class PriorsConfig:
-    top: PriorStageConfig = field(default_factory=PriorStageConfig)
-    bottom: PriorStageConfig = field(default_factory=PriorStageConfig)
 
 
 @dataclass(kw_only=True)
@@ -129,12 +128,15 @@ class ClassifierStageConfig:
 
 @dataclass(kw_only=True)
 class SampleStageConfig:
-    """sample: ancestral sampling of top codes, bottom codes, then decoding."""
+    """sample: ancestral sampling of each level's codes from the top down, then decoding."""
 
     num_samples: int = 64
     batch_size: int = 32
     top: SamplerConfig = field(default_factory=SamplerConfig)
     bottom: SamplerConfig = field(default_factory=SamplerConfig)
+    middle: dict[str, SamplerConfig] = field(default_factory=dict)
+    """Sampling of the levels between the top and the bottom (in a hierarchy of more than two), by
+    level name (``[sample.middle.NAME]``); a level not named gets the defaults."""
     cached: bool = schedule_field(True)
     """Incremental sampling with activation caches (False: full recomputation, the slow reference)."""
     cuda_graphs: bool = schedule_field(False)
@@ -210,10 +212,29 @@ class PipelineConfig:
     data: DataConfig = field(default_factory=DataConfig)
     vqvae: VQVAEStageConfig = field(default_factory=VQVAEStageConfig)
     codes: CodesStageConfig = field(default_factory=CodesStageConfig)
-    prior: PriorsConfig = field(default_factory=PriorsConfig)
+    prior: dict[str, PriorStageConfig] = field(default_factory=dict)
+    """One section per level of ``vqvae.model`` (``[prior.top]``, ``[prior.bottom]``, ...); a level
+    without one gets the defaults."""
     classifier: ClassifierStageConfig = field(default_factory=ClassifierStageConfig)
     sample: SampleStageConfig = field(default_factory=SampleStageConfig)
     evaluate: EvaluateStageConfig = field(default_factory=EvaluateStageConfig)
+
+    def __post_init__(self):
+        factor = self.vqvae.model.downsample
+        if self.data.image_size % factor:
+            raise ConfigError("data.image_size", f"must be a multiple of {factor}, the top level's downsampling "
+                                                 f"(vqvae.model.levels), got {self.data.image_size}")
+        levels = self.vqvae.model.level_names
+        for name in self.prior:
+            if name not in levels:
+                raise ConfigError(f"prior.{name}", f"names no level of the VQ-VAE (vqvae.model levels: "
+                                                   f"{', '.join(levels)})")
+        self.prior = {name: self.prior.get(name) or PriorStageConfig() for name in levels}
+        for name in self.sample.middle:
+            if name not in levels[1:-1]:
+                raise ConfigError(f"sample.middle.{name}", f"names no level between the top and the bottom "
+                                                           f"(vqvae.model levels: {', '.join(levels)}); the top "
+                                                           "and bottom levels have sample.top and sample.bottom")
 
     @property
     def run_dir(self) -> Path:

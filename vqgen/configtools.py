@@ -1,8 +1,9 @@
 """Typed dataclass configs from TOML: strict loading, ``--set`` overrides and TOML output.
 
 Every config section is a ``@dataclass(kw_only=True)``. Fields may be ``int``, ``float``, ``bool``,
-``str``, ``Literal[...]``, ``tuple[int, ...]`` / ``tuple[float, ...]``, ``X | None`` or another
-config dataclass (a nested section). Loading rejects unknown keys and wrong types with a
+``str``, ``Literal[...]``, ``tuple[int, ...]`` / ``tuple[float, ...]``, ``X | None``, another
+config dataclass (a nested section), a tuple of them (an array of tables, ``[[section.key]]``) or
+``dict[str, Section]`` (sections by a name the user chooses, ``[prior.middle]``). Loading rejects unknown keys and wrong types with a
 :class:`~vqgen.errors.ConfigError` that names the dotted key; ``__post_init__`` checks of values
 raise ``ConfigError(field_name, ...)`` and are re-raised here with the full dotted key.
 
@@ -70,20 +71,44 @@ def split_by_role(cfg: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     nested sections split recursively (a section appears in both when it has fields of both roles)."""
     defining: dict[str, Any] = {}
     scheduling: dict[str, Any] = {}
+    if _is_section_dict(cfg):
+        for name, value in cfg.items():
+            sub_def, sub_sched = split_by_role(value)
+            if sub_def:
+                defining[name] = sub_def
+            if sub_sched:
+                scheduling[name] = sub_sched
+        return defining, scheduling
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
-        if dataclasses.is_dataclass(value):
+        if dataclasses.is_dataclass(value) or _is_section_dict(value):
             sub_def, sub_sched = split_by_role(value)
             if sub_def:
                 defining[f.name] = sub_def
             if sub_sched:
                 scheduling[f.name] = sub_sched
-        elif f.metadata.get(ADDED) and value == f.default:
+        elif f.metadata.get(ADDED) and value == _default(f):
             continue
         elif value is not None and not f.metadata.get(LOCATION):
             target = scheduling if f.metadata.get(SCHEDULE) else defining
-            target[f.name] = list(value) if isinstance(value, tuple) else value
+            target[f.name] = _plain(value)
     return defining, scheduling
+
+
+def _is_section_dict(value: Any) -> bool:
+    """A ``dict[str, Section]`` field's value: sections by name (``prior.top``, ``prior.bottom``)."""
+    return isinstance(value, dict) and all(dataclasses.is_dataclass(v) for v in value.values())
+
+
+def _default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def _plain(value: Any) -> Any:
+    """A field's value as TOML-friendly data: tuples as lists, sections in them as dicts."""
+    if isinstance(value, tuple):
+        return [to_dict(v) if dataclasses.is_dataclass(v) else v for v in value]
+    return value
 
 
 def _join(prefix: str, key: str) -> str:
@@ -126,6 +151,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if len(args) != len(value):
             raise ConfigError(key, f"expected {len(args)} items, got {len(value)}")
         return tuple(_coerce(v, a, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if origin is dict:
+        key_type, value_type = get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(key, f"expected a table (section), got {value!r}")
+        return {_coerce(k, key_type, key): _coerce(v, value_type, _join(key, k)) for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
@@ -220,10 +250,10 @@ def to_dict(cfg: Any) -> dict[str, Any]:
         value = getattr(cfg, f.name)
         if dataclasses.is_dataclass(value):
             out[f.name] = to_dict(value)
-        elif isinstance(value, tuple):
-            out[f.name] = list(value)
+        elif _is_section_dict(value):
+            out[f.name] = {name: to_dict(section) for name, section in value.items()}
         elif value is not None:
-            out[f.name] = value
+            out[f.name] = _plain(value)
     return out
 
 
@@ -240,10 +270,19 @@ def _toml_value(value: Any) -> str:
     raise TypeError(f"cannot write {value!r} as TOML")
 
 
+def _is_table_list(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(v, dict) for v in value)
+
+
 def to_toml(data: dict[str, Any], prefix: str = "") -> str:
-    """Write a nested dict as TOML: a table's plain keys under ``[prefix]``, then its sub-tables."""
-    plain = [f"{k} = {_toml_value(v)}" for k, v in data.items() if not isinstance(v, dict)]
+    """Write a nested dict as TOML: a table's plain keys under ``[prefix]``, then its sub-tables
+    (a list of tables as an array of tables, ``[[prefix.key]]``)."""
+    plain = [f"{k} = {_toml_value(v)}" for k, v in data.items() if not isinstance(v, dict) and not _is_table_list(v)]
     chunks = [(f"[{prefix}]\n" if prefix else "") + "\n".join(plain)] if plain else []
+    for key, value in data.items():
+        if _is_table_list(value):
+            chunks += [f"[[{_join(prefix, key)}]]\n" + "\n".join(f"{k} = {_toml_value(v)}" for k, v in item.items())
+                       for item in value]
     chunks += [to_toml(v, _join(prefix, k)) for k, v in data.items() if isinstance(v, dict)]
     return "\n\n".join(c for c in chunks if c) + ("" if prefix else "\n")
 

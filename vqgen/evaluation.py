@@ -22,8 +22,7 @@ def vqvae_loss(model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     return out.loss, {
         "recon_mse": out.recon_loss,
         "commitment": out.commitment_loss,
-        "perplexity_top": out.perplexity_top,
-        "perplexity_bottom": out.perplexity_bottom,
+        **{f"perplexity_{level}": value for level, value in out.perplexity.items()},
     }
 
 
@@ -33,21 +32,21 @@ def reconstruction_metrics(model, loader, accelerator: Accelerator, max_batches:
 
     Usage is the fraction of each level's codes that the evaluated images use at least once.
     """
-    counts = {level: torch.zeros(model.config.level_num_codes(level), device=accelerator.device)
-              for level in ("top", "bottom")}
+    counts = {level.name: torch.zeros(level.num_codes, device=accelerator.device)
+              for level in model.config.hierarchy}
     sq_err, psnr_sum, n = torch.zeros((), device=accelerator.device), torch.zeros((), device=accelerator.device), 0
     with eval_mode(model):
         for i, (images, _) in enumerate(loader):
             if max_batches and i >= max_batches:
                 break
             images = images.to(accelerator.device)
-            top, bottom = model.encode(images)
-            recon = model.decode_codes(top, bottom).float().clamp(-1, 1)
+            codes = model.encode(images)
+            recon = model.decode_codes(*codes).float().clamp(-1, 1)
             sq_err += (recon - images).pow(2).mean(dim=(1, 2, 3)).sum()
             psnr_sum += psnr(recon, images, data_range=2.0)[0].sum().float()
             n += images.shape[0]
-            for level, codes in (("top", top), ("bottom", bottom)):
-                counts[level] += torch.bincount(codes.flatten(), minlength=counts[level].numel())
+            for level, level_codes in zip(counts, codes):
+                counts[level] += torch.bincount(level_codes.flatten(), minlength=counts[level].numel())
     total = accelerator.reduce(torch.tensor(float(n), device=accelerator.device), "sum").item()
     sq_err, psnr_sum = accelerator.reduce(sq_err, "sum"), accelerator.reduce(psnr_sum, "sum")
     metrics = {"val_recon_mse": sq_err.item() / total, "val_psnr": psnr_sum.item() / total, "val_images": total}
@@ -58,18 +57,20 @@ def reconstruction_metrics(model, loader, accelerator: Accelerator, max_batches:
     return metrics
 
 
-def prior_inputs(batch: dict, level: str, conditional: bool):
-    """(target codes, labels or None, condition codes or None) of one code-store batch."""
+def prior_inputs(batch: dict, level: str, conditional: bool, above: tuple[str, ...] = ()):
+    """(target codes, labels or None, the code maps of the levels ``above`` or None) of one
+    code-store batch."""
     labels = batch["label"] if conditional else None
-    condition = batch["top"] if level == "bottom" else None
+    condition = tuple(batch[name] for name in above) or None
     return batch[level], labels, condition
 
 
-def prior_loss_fn(level: str, conditional: bool):
-    """train-prior's micro-batch loss (cross-entropy in nats) for one level."""
+def prior_loss_fn(level: str, conditional: bool, above: tuple[str, ...] = ()):
+    """train-prior's micro-batch loss (cross-entropy in nats) for one level, conditioned on the
+    levels ``above`` it (top first)."""
 
     def loss_fn(model, batch):
-        codes, labels, condition = prior_inputs(batch, level, conditional)
+        codes, labels, condition = prior_inputs(batch, level, conditional, above)
         logits = model(codes, labels=labels, condition=condition)
         loss = torch.nn.functional.cross_entropy(logits.float(), codes)
         return loss, {"bits_per_dim": bits_per_dim(loss.detach())}  # a tensor: no host read per step
@@ -78,14 +79,15 @@ def prior_loss_fn(level: str, conditional: bool):
 
 
 @torch.no_grad()
-def prior_bits_per_dim(model, loader, accelerator: Accelerator, level: str, conditional: bool, max_batches: int = 0) -> float:
+def prior_bits_per_dim(model, loader, accelerator: Accelerator, level: str, conditional: bool, max_batches: int = 0,
+                       above: tuple[str, ...] = ()) -> float:
     """Mean negative log-likelihood of held-out codes, in bits per code position."""
     nll, count = torch.zeros((), device=accelerator.device), torch.zeros((), device=accelerator.device)
     with eval_mode(model):
         for i, batch in enumerate(loader):
             if max_batches and i >= max_batches:
                 break
-            codes, labels, condition = prior_inputs(batch, level, conditional)
+            codes, labels, condition = prior_inputs(batch, level, conditional, above)
             logits = model(codes, labels=labels, condition=condition)
             nll += torch.nn.functional.cross_entropy(logits.float(), codes, reduction="sum")
             count += codes.numel()

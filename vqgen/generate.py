@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from vqgen.bundle import CLASSIFIER, COMPONENTS, ModelInfo, classifier_mismatch, load_components
+from vqgen.bundle import CLASSIFIER, ModelInfo, classifier_mismatch, image_side, load_components
 from vqgen.data.datasets import open_npz, read_npz_array, to_uint8
 from vqgen.data.samples import concatenate_samples, first_images, save_samples
 from vqgen.distributed import on_main_process, process_state, shard_indices
@@ -75,6 +75,8 @@ class SamplePlan:
     seed: int = 0
     top: SamplerConfig = field(default_factory=SamplerConfig)
     bottom: SamplerConfig = field(default_factory=SamplerConfig)
+    middle: dict[str, SamplerConfig] = field(default_factory=dict)
+    """The levels between the top and the bottom, by name (a level not named: the defaults)."""
     labels: tuple[int, ...] = ()
     """Sample ``i`` gets ``labels[i % len(labels)]``; empty: each batch draws its labels uniformly
     (class-conditional priors; unconditional ones take no labels)."""
@@ -94,6 +96,14 @@ class SamplePlan:
         """The global indices of batch ``batch``'s samples."""
         return range(batch * self.batch_size, min((batch + 1) * self.batch_size, self.num_samples))
 
+    def sampler(self, levels: tuple[str, ...], index: int) -> SamplerConfig:
+        """The sampling settings of level ``levels[index]`` (``levels`` top first)."""
+        if index == 0:
+            return self.top
+        if index == len(levels) - 1:
+            return self.bottom
+        return self.middle.get(levels[index], SamplerConfig())
+
     def generator(self, batch: int) -> torch.Generator:
         # On the CPU: every random number is drawn there and moved, so a seed gives the same
         # samples on any device.
@@ -104,12 +114,14 @@ class SamplePlan:
         rejection rule only when one is on, so plans without one read as they always did)."""
         settings = {**asdict(self), "labels": list(self.labels)}
         settings.pop("rejection")
+        if not self.middle:  # two levels: the plan reads as it always did
+            settings.pop("middle")
         return {**settings, "rejection": self.rejection.settings()} if self.rejection.active else settings
 
 
 class VQGen:
-    """A trained VQ-VAE-2 with its top and bottom priors (and the classifier of rejection sampling,
-    when the run trained one).
+    """A trained VQ-VAE-2 with one prior per level, top first (and the classifier of rejection
+    sampling, when the run trained one): ``VQGen(vqvae, prior_top, prior_bottom)``.
 
     Args:
         classifier: scores images for rejection sampling (:mod:`vqgen.rejection`); None: none.
@@ -119,9 +131,13 @@ class VQGen:
         cuda_graphs: replay each cached sampling step as a CUDA graph (on a GPU; same codes).
     """
 
-    def __init__(self, vqvae, prior_top, prior_bottom, *, classifier=None, info: ModelInfo | None = None,
+    def __init__(self, vqvae, *priors, classifier=None, info: ModelInfo | None = None,
                  bf16: bool = False, cached: bool = True, cuda_graphs: bool = False):
-        self.vqvae, self.prior_top, self.prior_bottom = vqvae.eval(), prior_top.eval(), prior_bottom.eval()
+        levels = vqvae.config.level_names
+        if len(priors) != len(levels):
+            raise ConfigError("priors", f"the VQ-VAE has {len(levels)} levels ({', '.join(levels)}), "
+                                        f"got {len(priors)} priors")
+        self.vqvae, self.priors = vqvae.eval(), tuple(prior.eval() for prior in priors)
         self.classifier = classifier.eval() if classifier is not None else None
         self.info = info or ModelInfo("")
         self.bf16, self.cached, self.cuda_graphs = bf16, cached, cuda_graphs
@@ -132,15 +148,23 @@ class VQGen:
         """Load a run folder (``RUN/vqvae``, ``RUN/prior-top``, ``RUN/prior-bottom``, and
         ``RUN/classifier`` when there is one), a bundle from ``vqgen export``, or a Hub repo id of
         one; the options are the constructor's."""
-        vqvae, top, bottom, classifier, info = load_components(path, device=device)
-        return cls(vqvae, top, bottom, classifier=classifier, info=info, bf16=bf16, cached=cached,
+        vqvae, priors, classifier, info = load_components(path, device=device)
+        return cls(vqvae, *priors, classifier=classifier, info=info, bf16=bf16, cached=cached,
                    cuda_graphs=cuda_graphs)
 
     def to(self, device: str | torch.device) -> VQGen:
-        for model in (self.vqvae, self.prior_top, self.prior_bottom, self.classifier):
+        for model in (self.vqvae, *self.priors, self.classifier):
             if model is not None:
                 model.to(device)
         return self
+
+    @property
+    def prior_top(self):
+        return self.priors[0]
+
+    @property
+    def prior_bottom(self):
+        return self.priors[-1]
 
     @property
     def device(self) -> torch.device:
@@ -159,7 +183,7 @@ class VQGen:
     @property
     def image_shape(self) -> tuple[int, int, int]:
         """``(C, H, W)`` of the images."""
-        side = 8 * self.prior_top.layout.shape[0]
+        side = image_side(self.vqvae, self.prior_top)
         return self.vqvae.config.in_channels, side, side
 
     def class_labels(self, labels: int | str | Sequence[int | str] | None) -> tuple[int, ...]:
@@ -189,8 +213,9 @@ class VQGen:
              keep_fraction: float | None = None, max_draw_factor: float | None = None) -> SamplePlan:
         """The :class:`SamplePlan` of :meth:`sample`'s arguments (``vqgen sample`` builds its own so)."""
         both = SamplerConfig(temperature=temperature, top_k=top_k, top_p=top_p)
+        middle = {name: both for name in self.vqvae.config.level_names[1:-1]}
         plan = SamplePlan(num_samples=num, batch_size=batch_size, seed=seed, top=top or both,
-                          bottom=bottom or both, labels=self.class_labels(labels),
+                          bottom=bottom or both, middle=middle, labels=self.class_labels(labels),
                           rejection=rejection_rule(threshold, keep_fraction, max_draw_factor))
         self.check_plan(plan)
         return plan
@@ -205,7 +230,8 @@ class VQGen:
         Args:
             labels: None draws classes uniformly; a class (index or name) for all; a list: image
                 ``i`` gets ``labels[i % len(labels)]`` (a list of ``num`` gives each image's).
-            temperature, top_k, top_p: both levels' sampling; ``top`` / ``bottom`` replace them per level.
+            temperature, top_k, top_p: every level's sampling; ``top`` / ``bottom`` replace them for
+                the top and the bottom level.
             seed: batch ``b`` draws from a generator seeded ``seed * 1_000_003 + b``, as the
                 pipeline's sample stage does: its settings give its images.
             generator: draw every batch from this generator instead (reproducible from its state).
@@ -243,7 +269,7 @@ class VQGen:
     @torch.no_grad()
     def draw(self, plan: SamplePlan, batch: int, *, generator: torch.Generator | None = None,
              progress: bool = False) -> DrawnBatch:
-        """Batch ``batch`` of ``plan``: its labels, top codes, bottom codes given them, then the
+        """Batch ``batch`` of ``plan``: its labels, each level's codes given those above, then the
         decoder; with rejection sampling, candidate rounds until the classifier accepts them."""
         indices = plan.batch_indices(batch)
         n = len(indices)
@@ -268,14 +294,16 @@ class VQGen:
 
     def _draw_images(self, plan: SamplePlan, labels: torch.Tensor | None, n: int, generator: torch.Generator,
                      progress: bool) -> torch.Tensor:
-        """uint8 images of ``n`` top and bottom code maps drawn from ``generator`` for ``labels``."""
+        """uint8 images of ``n`` sets of code maps, drawn from ``generator`` for ``labels`` level by
+        level from the top, each given the levels above it."""
         if labels is not None:
             labels = labels.to(self.device)
         options = dict(generator=generator, cached=self.cached, cuda_graphs=self.cuda_graphs, progress=progress)
-        top = sample(self.prior_top, n, labels=labels, config=plan.top, **options)
-        bottom_labels = labels if self.prior_bottom.layout.num_classes else None
-        bottom = sample(self.prior_bottom, n, labels=bottom_labels, condition=top, config=plan.bottom, **options)
-        return self.decode(top, bottom)
+        levels, codes = self.vqvae.config.level_names, []
+        for index, prior in enumerate(self.priors):
+            codes.append(sample(prior, n, labels=labels if prior.layout.num_classes else None,
+                                condition=tuple(codes) or None, config=plan.sampler(levels, index), **options))
+        return self.decode(*codes)
 
     def score(self, images, labels) -> torch.Tensor:
         """float32 ``[N]``: the classifier's probability of ``labels`` for uint8 ``images``."""
@@ -291,17 +319,17 @@ class VQGen:
         return torch.autocast(kind, dtype=torch.bfloat16)
 
     @torch.no_grad()
-    def encode(self, images) -> tuple[torch.Tensor, torch.Tensor]:
-        """Code maps ``(top [N, H/8, W/8], bottom [N, H/4, W/4])`` of images: uint8 ``[N, C, H, W]``
-        (a tensor or an array) or float in [-1, 1]."""
+    def encode(self, images) -> tuple[torch.Tensor, ...]:
+        """Code maps of images, one per level, top first (``(top [N, H/8, W/8], bottom [N, H/4, W/4])``
+        for two levels); images: uint8 ``[N, C, H, W]`` (a tensor or an array) or float in [-1, 1]."""
         with self._autocast():
             return self.vqvae.encode(self._as_input(images))
 
     @torch.no_grad()
-    def decode(self, top: torch.Tensor, bottom: torch.Tensor) -> torch.Tensor:
-        """uint8 images ``[N, C, H, W]`` (on the CPU) of code maps."""
+    def decode(self, *codes: torch.Tensor) -> torch.Tensor:
+        """uint8 images ``[N, C, H, W]`` (on the CPU) of code maps, one per level, top first."""
         with self._autocast():
-            images = self.vqvae.decode_codes(top.to(self.device), bottom.to(self.device))
+            images = self.vqvae.decode_codes(*(c.to(self.device) for c in codes))
         return to_uint8(images.float()).cpu()
 
     def reconstruct(self, images) -> torch.Tensor:
@@ -457,8 +485,8 @@ def _prepare_folder(gen: VQGen, plan: SamplePlan, out: Path, settings: dict) -> 
 def _refuse_model_folder(source: Path, out: Path) -> None:
     """Samples never go into the model's own folders (a run's ``samples/`` is the pipeline's)."""
     out = out.resolve()
-    inside = source.is_dir() and (out == source.resolve() or any(
-        out.is_relative_to((source / d).resolve()) for d in (*COMPONENTS, CLASSIFIER, "samples", "codes", "eval")))
+    folders = [source / d for d in ("vqvae", CLASSIFIER, "samples", "codes", "eval")] + list(source.glob("prior-*"))
+    inside = source.is_dir() and (out == source.resolve() or any(out.is_relative_to(d.resolve()) for d in folders))
     if inside or (out / "stage.json").exists():
         raise VQGenError(f"--out {out}: inside the model's folder {source} (its samples/ belongs to the "
                          "pipeline's sample stage): give a folder of its own")

@@ -39,17 +39,19 @@ from vqgen.train import make_accelerator
 from vqgen.utils import atomic_write_text
 
 
-def stage_table() -> tuple[Stage, ...]:
-    """Every stage in pipeline order: the one table the runner and the CLI share."""
+def stage_table(cfg: PipelineConfig | None = None) -> tuple[Stage, ...]:
+    """Every stage in pipeline order, with one prior stage per level of ``cfg``'s VQ-VAE (the
+    defaults' two without a config): the one table the runner and the CLI share."""
     # Imported here: each stage module pulls in its models, which `vqgen --help` does not need.
     from vqgen.stages import evaluate, extract_codes, sample, train_classifier, train_prior, train_vqvae
 
-    modules = (train_vqvae, extract_codes, train_prior, train_classifier, sample, evaluate)
-    return tuple(s for module in modules for s in module.STAGES)
+    levels = (cfg or PipelineConfig()).vqvae.model.level_names
+    return (*train_vqvae.STAGES, *extract_codes.STAGES, *train_prior.stages(levels), *train_classifier.STAGES,
+            *sample.stages(levels), *evaluate.stages(levels))
 
 
-def stage_names() -> list[str]:
-    return [s.name for s in stage_table()]
+def stage_names(cfg: PipelineConfig | None = None) -> list[str]:
+    return [s.name for s in stage_table(cfg)]
 
 
 def stage_sections(cfg: PipelineConfig, stage: Stage) -> dict[str, Any]:
@@ -84,7 +86,7 @@ def upstream_fingerprints(cfg: PipelineConfig, stage: Stage, dirs: dict[str, str
 
 def _switched_off_hint(cfg: PipelineConfig, name: str) -> str:
     """``" (it is switched off: ...)"`` when stage ``name`` is switched off in ``cfg``, else ``""``."""
-    upstream = {s.name: s for s in stage_table()}[name]
+    upstream = {s.name: s for s in stage_table(cfg)}[name]
     if upstream.is_enabled(stage_sections(cfg, upstream)):
         return ""
     return (f" (it is switched off: set {upstream.switch or 'its enabled key'} = true, or run "
@@ -94,7 +96,7 @@ def _switched_off_hint(cfg: PipelineConfig, name: str) -> str:
 def check_upstream_switches(cfg: PipelineConfig, todo: tuple[Stage, ...]) -> None:
     """A ConfigError naming the switch when a stage that will run reads a switched-off stage that
     has not finished: said before the first stage, not after the training before it."""
-    stages = {s.name: s for s in stage_table()}
+    stages = {s.name: s for s in stage_table(cfg)}
     for stage in todo:
         for name in stage.upstream_of(stage_sections(cfg, stage)):
             upstream = stages[name]
@@ -237,7 +239,7 @@ def preflight(cfg: PipelineConfig, stages: tuple[Stage, ...]) -> tuple[Stage, ..
 def run_pipeline(cfg: PipelineConfig, from_stage: str | None = None) -> None:
     """Run all stages in order. ``from_stage``: earlier stages are not run (they must have
     finished) and this one runs even if current; later ones run unless current."""
-    stages = stage_table()
+    stages = stage_table(cfg)
     names = [s.name for s in stages]
     if from_stage is not None and from_stage not in names:
         raise ConfigError("--from", f"unknown stage {from_stage!r} (stages: {', '.join(names)})")
@@ -253,7 +255,7 @@ def run_pipeline(cfg: PipelineConfig, from_stage: str | None = None) -> None:
 
 
 def run_single_stage(cfg: PipelineConfig, name: str) -> dict | None:
-    stages = {s.name: s for s in stage_table()}
+    stages = {s.name: s for s in stage_table(cfg)}
     if name not in stages:
         raise ConfigError("stage", f"unknown stage {name!r} (stages: {', '.join(stages)})")
     stage = stages[name]

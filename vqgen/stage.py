@@ -71,5 +71,5 @@ def folder_index_dir(run_dir: Path) -> Path:
 def section(cfg: Any, path: str) -> Any:
     """The config section at a dotted ``path`` of the pipeline config."""
     for part in path.split("."):
-        cfg = getattr(cfg, part)
+        cfg = cfg[part] if isinstance(cfg, dict) else getattr(cfg, part)
     return cfg

@@ -89,6 +89,13 @@ def read_export_info(directory: Path, name: str = "model") -> dict:
     return info
 
 
+def read_export_config(directory: Path, name: str = "model"):
+    """The config of the model exported in ``directory`` (its architecture), without its weights."""
+    info = read_export_info(directory, name)
+    module, _, arg_classes = _classes(info.get("class"))
+    return _constructor_args(info, module, arg_classes, directory / f"{name}.json")["config"]
+
+
 def load_model(directory: Path, name: str = "model", device: str | torch.device = "cpu", verify: bool = True,
                *, json_name: str | None = None):
     """Rebuild a model from its export: ``NAME.json`` beside ``NAME.safetensors`` (``json_name``:

@@ -20,6 +20,7 @@ Cached sampling runs the same layers one position at a time: see :meth:`GatedPix
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import ClassVar
 
@@ -32,6 +33,15 @@ from vqgen.errors import ConfigError, DataError
 from vqgen.kernels import Backend, check_backend
 from vqgen.kernels.gated import gated_residual
 from vqgen.models.attention import AttentionCache, CausalAttentionBlock
+
+
+Condition = torch.Tensor | Sequence[torch.Tensor]
+"""A prior's conditioning: the code map of the level above it, or the maps of every level above it,
+top first (in a hierarchy of more than two levels)."""
+
+
+def condition_maps(condition: Condition) -> tuple[torch.Tensor, ...]:
+    return (condition,) if isinstance(condition, torch.Tensor) else tuple(condition)
 
 
 @dataclass(kw_only=True)
@@ -106,6 +116,11 @@ class PriorLayout:
     """Codebook size of the level this prior is conditioned on (0 = none: a top prior)."""
     condition_shape: tuple[int, ...] = ()
     """(H, W) of the conditioning code map; ``shape`` must be an integer multiple of it."""
+    upper_num_codes: tuple[int, ...] = ()
+    """Codebook sizes of the levels above the conditioning one (top first), in a hierarchy of more
+    than two levels: a prior is conditioned on every level above it."""
+    upper_shapes: tuple[tuple[int, ...], ...] = ()
+    """(H, W) of each of those levels' code maps."""
 
     def __post_init__(self) -> None:
         if self.num_codes < 2:
@@ -118,6 +133,8 @@ class PriorLayout:
         if self.condition_num_codes == 0:
             if self.condition_shape:
                 raise ConfigError("condition_shape", "set without condition_num_codes (must be [])")
+            if self.upper_num_codes:
+                raise ConfigError("upper_num_codes", "set without condition_num_codes (must be [])")
             return
         if self.condition_num_codes < 2:
             raise ConfigError("condition_num_codes", f"must be 0 or >= 2, got {self.condition_num_codes}")
@@ -127,6 +144,21 @@ class PriorLayout:
                 "condition_shape",
                 f"shape {list(self.shape)} must be a multiple of {list(self.condition_shape)}",
             )
+        if len(self.upper_num_codes) != len(self.upper_shapes):
+            raise ConfigError("upper_shapes", f"must give one shape per entry of upper_num_codes "
+                                              f"({len(self.upper_num_codes)}), got {len(self.upper_shapes)}")
+        for i, (k, shape) in enumerate(zip(self.upper_num_codes, self.upper_shapes)):
+            if k < 2:
+                raise ConfigError(f"upper_num_codes[{i}]", f"must be >= 2, got {k}")
+            _check_shape(f"upper_shapes[{i}]", shape)
+
+    @property
+    def conditions(self) -> tuple[tuple[int, tuple[int, ...]], ...]:
+        """``(codebook size, (H, W))`` of every conditioning map, top first (the nearest level last)."""
+        if not self.condition_num_codes:
+            return ()
+        upper = tuple(zip(self.upper_num_codes, (tuple(s) for s in self.upper_shapes)))
+        return (*upper, (self.condition_num_codes, tuple(self.condition_shape)))
 
 
 def upgrade_export_config(config: dict) -> dict[str, dict]:
@@ -167,22 +199,26 @@ class ResidualBlock(nn.Module):
 
 
 class ConditionStack(nn.Module):
-    """Top-level codes ``[B, Hc, Wc]`` → features ``[B, C_cond, H, W]`` at the bottom shape.
+    """The code maps of the levels above ``[B, Hc, Wc]`` (top first) → features ``[B, C_cond, H, W]``
+    at the prior's shape.
 
-    Embed, upsample (nearest) to the prior's shape, then residual blocks. Not causal: the whole
-    conditioning map is known before sampling starts.
+    Each map is embedded and upsampled (nearest) to the prior's shape; their sum goes through
+    residual blocks. Not causal: the conditioning maps are known before sampling starts. With one
+    map (two levels) only ``embed`` exists; the maps further up have ``upper_embeds``.
     """
 
     def __init__(self, config: PriorConfig, layout: PriorLayout):
         super().__init__()
         self.shape = tuple(layout.shape)
         self.embed = nn.Embedding(layout.condition_num_codes, config.condition_channels)
+        self.upper_embeds = nn.ModuleList(nn.Embedding(k, config.condition_channels) for k in layout.upper_num_codes)
         blocks = [ResidualBlock(config.condition_channels) for _ in range(config.condition_res_blocks)]
         self.blocks = nn.Sequential(*blocks)
 
-    def forward(self, codes: torch.Tensor) -> torch.Tensor:
-        x = rearrange(self.embed(codes), "b h w c -> b c h w")
-        x = F.interpolate(x, size=self.shape, mode="nearest")
+    def forward(self, *maps: torch.Tensor) -> torch.Tensor:
+        x = 0
+        for embed, codes in zip([*self.upper_embeds, self.embed], maps):
+            x = x + F.interpolate(rearrange(embed(codes), "b h w c -> b c h w"), size=self.shape, mode="nearest")
         return self.blocks(x)
 
 
@@ -400,7 +436,7 @@ class GatedPixelCNN(nn.Module):
         self,
         codes: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
-        condition: torch.Tensor | None = None,
+        condition: Condition | None = None,
         *,
         batch: int | None = None,
     ) -> None:
@@ -420,10 +456,16 @@ class GatedPixelCNN(nn.Module):
             raise DataError("labels: given to an unconditional prior (num_classes = 0)")
         if cfg.condition_num_codes:
             if condition is None:
-                raise DataError("condition: this prior needs the top-level code map")
-            ranges.append(_check_indices("condition", condition, tuple(cfg.condition_shape), cfg.condition_num_codes))
-            if batch is not None and condition.shape[0] != batch:
-                raise DataError(f"condition: batch size {condition.shape[0]}, expected {batch}")
+                raise DataError("condition: this prior needs the code maps of the levels above it")
+            maps = condition_maps(condition)
+            if len(maps) != len(cfg.conditions):
+                raise DataError(f"condition: this prior is conditioned on {len(cfg.conditions)} code map(s) "
+                                f"(the levels above it, top first), got {len(maps)}")
+            for i, (m, (k, shape)) in enumerate(zip(maps, cfg.conditions)):
+                name = "condition" if len(maps) == 1 else f"condition[{i}]"
+                ranges.append(_check_indices(name, m, shape, k))
+                if batch is not None and m.shape[0] != batch:
+                    raise DataError(f"{name}: batch size {m.shape[0]}, expected {batch}")
         elif condition is not None:
             raise DataError("condition: given to a prior without conditioning stack")
         _check_ranges(ranges)
@@ -436,11 +478,12 @@ class GatedPixelCNN(nn.Module):
         self,
         codes: torch.Tensor,
         labels: torch.Tensor | None = None,
-        condition: torch.Tensor | None = None,
+        condition: Condition | None = None,
     ) -> torch.Tensor:
         """Logits ``[B, K, H, W]`` of ``codes [B, H, W]`` int64.
 
-        ``labels [B]`` for a class-conditional prior, ``condition [B, Hc, Wc]`` for a bottom prior.
+        ``labels [B]`` for a class-conditional prior, ``condition [B, Hc, Wc]`` for a prior below the
+        top (or one such map per level above it, top first).
         """
         self.check_inputs(codes, labels, condition)
         return self.forward_embedded(self.embed_codes(codes), labels, condition)
@@ -449,11 +492,11 @@ class GatedPixelCNN(nn.Module):
         self,
         x: torch.Tensor,
         labels: torch.Tensor | None = None,
-        condition: torch.Tensor | None = None,
+        condition: Condition | None = None,
     ) -> torch.Tensor:
         """Logits ``[B, K, H, W]`` from input embeddings ``x [B, C, H, W]`` (for gradient checks)."""
         batch, _, height, width = x.shape
-        features = self.condition_stack(condition) if self.condition_stack is not None else None
+        features = self.condition_stack(*condition_maps(condition)) if self.condition_stack is not None else None
         v, h, skip = x, x, 0
         for l, layer in enumerate(self.layers):
             bias_v, bias_h = layer.biases(labels, features)
@@ -465,7 +508,7 @@ class GatedPixelCNN(nn.Module):
         return rearrange(logits, "(b h w) k -> b k h w", b=batch, h=height, w=width)
 
     def new_cache(self, batch_size: int, *, labels: torch.Tensor | None = None,
-                  condition: torch.Tensor | None = None) -> PriorCache:
+                  condition: Condition | None = None) -> PriorCache:
         """Caches for sampling ``batch_size`` maps in raster order (after Ramachandran et al. 2017,
         "Fast Generation for Convolutional Autoregressive Models"): each layer keeps the inputs its
         shifted convolutions still need (:class:`LayerCache`), each attention block its keys and values
@@ -475,7 +518,7 @@ class GatedPixelCNN(nn.Module):
         here; the layers' 1x1 bias projections once per row."""
         self.check_inputs(labels=labels, condition=condition, batch=batch_size)
         height, width = self.layout.shape
-        features = None if self.condition_stack is None else self.condition_stack(condition)
+        features = None if self.condition_stack is None else self.condition_stack(*condition_maps(condition))
         row = None if features is None else features[:, :, :1]
         return PriorCache(
             labels, features, self.embed.weight.new_zeros(batch_size, self.config.channels, 1, width),

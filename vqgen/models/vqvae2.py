@@ -1,14 +1,17 @@
-"""Two-level VQ-VAE-2 (Razavi et al. 2019, "Generating Diverse High-Fidelity Images with VQ-VAE-2").
+"""Hierarchical VQ-VAE-2 (Razavi et al. 2019, "Generating Diverse High-Fidelity Images with VQ-VAE-2").
 
-Data flow for an image ``x [B, C, H, W]`` in [-1, 1] (H and W divisible by 8)::
+Levels run from the top (coarsest code map) to the bottom (finest); ``vqvae.model.levels`` lists
+them with each one's downsampling factor (image side / code map side). The default is the paper's
+two levels, top at 1/8 and bottom at 1/4. Data flow for an image ``x [B, C, H, W]`` in [-1, 1]::
 
-    x ─encoder_bottom─▶ enc_b [hidden, H/4] ─encoder_top─▶ enc_t [hidden, H/8]
-    enc_t ─pre_quant_top─▶ quantizer_top ─▶ q_t [D, H/8] ─decoder_top─▶ dec_t [D, H/4]
-    cat(dec_t, enc_b) ─pre_quant_bottom─▶ quantizer_bottom ─▶ q_b [D, H/4]
-    cat(upsample_top(q_t), q_b) ─decoder─▶ recon [C, H]
+    x ─encoder_bottom─▶ enc_bottom [hidden, H/f_bottom] ─encoder_<above>─▶ ... ─encoder_top─▶ enc_top
+    enc_top ─pre_quant_top─▶ quantizer_top ─▶ q_top ─decoder_top─▶ cond [D, H/f_next]
+    cat(cond, enc_next) ─pre_quant_next─▶ quantizer_next ─▶ q_next ─decoder_next(cat(q_next, cond))─▶ ...
+    cat(upsample_top(q_top), ..., q_bottom) ─decoder─▶ recon [C, H]
 
-The top level holds global structure; the bottom level is quantized *given* the top (its encoder
-features are concatenated with the decoded top codes), so it only has to encode the residual detail.
+Each level below the top is quantized *given* every level above it (its encoder features are
+concatenated with the decoded codes above), so it only has to encode the detail they miss. With
+two levels this is exactly the paper's model (``cond`` is the decoded top codes).
 """
 
 from __future__ import annotations
@@ -20,11 +23,30 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vqgen.configtools import added_field
 from vqgen.errors import ConfigError, DataError
 from vqgen.models.quantize import EMAQuantizer, QuantizerConfig, QuantizerOutput
 
-DOWNSAMPLE = 8
-"""Ratio of the image side to the top code map's side (the bottom map is at 1/4)."""
+
+@dataclass(kw_only=True)
+class LevelConfig:
+    """One level of the hierarchy (``[[vqvae.model.levels]]``)."""
+
+    name: str
+    """The level's name: its code store field, ``prior.<name>`` section and ``train-prior-<name>``
+    stage (a Python identifier)."""
+    downsample: int
+    """Image side / code map side: a power of two, larger than the next level's."""
+    num_codes: int = 0
+    """Codebook size; 0: ``quantizer.num_codes``."""
+
+    def __post_init__(self):
+        if not self.name.isidentifier() or self.name == "label":
+            raise ConfigError("name", f"must be an identifier other than 'label', got {self.name!r}")
+        if self.downsample < 2 or self.downsample & (self.downsample - 1):
+            raise ConfigError("downsample", f"must be a power of two >= 2, got {self.downsample}")
+        if self.num_codes < 0:
+            raise ConfigError("num_codes", f"must be >= 0, got {self.num_codes}")
 
 
 @dataclass(kw_only=True)
@@ -40,11 +62,15 @@ class VQVAEConfig:
     num_res_blocks: int = 2
     """Residual blocks per encoder and decoder."""
     quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
-    """Both levels' EMA quantizers (codebook size K of the top level, code dimension D of both)."""
+    """Every level's EMA quantizer (codebook size K, unless a level sets its own, and code dimension D)."""
     bottom_num_codes: int = 0
-    """Codebook size of the bottom level; 0: the same as ``quantizer.num_codes``. A smaller bottom
-    codebook pushes more of the image's information into the top codes, whose prior is cheaper to
-    train."""
+    """Codebook size of the bottom level of the default two; 0: the same as ``quantizer.num_codes``.
+    A smaller bottom codebook pushes more of the image's information into the top codes, whose
+    prior is cheaper to train. With ``levels``, each level sets its own ``num_codes`` instead."""
+    levels: tuple[LevelConfig, ...] = added_field(())
+    """The hierarchy, top level first: ``{name, downsample, num_codes}`` each (e.g. the paper's
+    FFHQ-1024 model: top 32, middle 16, bottom 8). Empty: the paper's two levels, ``top`` at 1/8 and
+    ``bottom`` at 1/4 of the image side."""
     latent_loss_weight: float = 1.0
     """Weight of the summed commitment losses in the total loss."""
 
@@ -68,20 +94,49 @@ class VQVAEConfig:
             raise ConfigError("latent_loss_weight", f"must be >= 0, got {self.latent_loss_weight}")
         if self.bottom_num_codes < 0:
             raise ConfigError("bottom_num_codes", f"must be >= 0, got {self.bottom_num_codes}")
+        if self.levels and self.bottom_num_codes:
+            raise ConfigError("bottom_num_codes", "is for the default two levels: with levels, set the "
+                                                  "bottom level's num_codes")
+        names = [level.name for level in self.levels]
+        if len(set(names)) != len(names):
+            raise ConfigError("levels", f"has duplicate names: {names}")
+        factors = [level.downsample for level in self.levels]
+        if any(above <= below for above, below in zip(factors, factors[1:])):
+            raise ConfigError("levels", f"downsampling factors must decrease from the top level down, got {factors}")
 
     @property
     def code_dim(self) -> int:
         return self.quantizer.code_dim
 
-    def level_num_codes(self, level: str) -> int:
-        """Codebook size of ``level`` ("top" or "bottom")."""
-        if level == "bottom" and self.bottom_num_codes:
-            return self.bottom_num_codes
-        return self.quantizer.num_codes
+    @property
+    def hierarchy(self) -> tuple[LevelConfig, ...]:
+        """The levels, top first, each with its codebook size resolved."""
+        levels = self.levels or (LevelConfig(name="top", downsample=8),
+                                 LevelConfig(name="bottom", downsample=4, num_codes=self.bottom_num_codes))
+        return tuple(replace(level, num_codes=level.num_codes or self.quantizer.num_codes) for level in levels)
 
-    def quantizer_config(self, level: str) -> QuantizerConfig:
+    @property
+    def level_names(self) -> tuple[str, ...]:
+        return tuple(level.name for level in self.hierarchy)
+
+    def level(self, name: str) -> LevelConfig:
+        for level in self.hierarchy:
+            if level.name == name:
+                return level
+        raise ConfigError("levels", f"no level named {name!r} (levels: {', '.join(self.level_names)})")
+
+    def level_num_codes(self, name: str) -> int:
+        """Codebook size of level ``name``."""
+        return self.level(name).num_codes
+
+    def quantizer_config(self, name: str) -> QuantizerConfig:
         """The config of one level's quantizer (the levels differ only in codebook size)."""
-        return replace(self.quantizer, num_codes=self.level_num_codes(level))
+        return replace(self.quantizer, num_codes=self.level_num_codes(name))
+
+    @property
+    def downsample(self) -> int:
+        """The image side must be a multiple of this: the top level's factor."""
+        return self.hierarchy[0].downsample
 
 
 def upgrade_export_config(config: dict) -> dict[str, dict]:
@@ -93,7 +148,8 @@ def upgrade_export_config(config: dict) -> dict[str, dict]:
 
 @dataclass
 class VQVAEOutput:
-    """What :meth:`VQVAE2.forward` returns. Scalars are 0-dim tensors."""
+    """What :meth:`VQVAE2.forward` returns. Scalars are 0-dim tensors; per-level dicts are keyed by
+    level name, top first."""
 
     recon: torch.Tensor
     """``[B, C, H, W]`` reconstruction (in the autocast dtype when autocast is on)."""
@@ -102,16 +158,12 @@ class VQVAEOutput:
     recon_loss: torch.Tensor
     """Mean squared error between ``recon`` and the input, in fp32."""
     commitment_loss: torch.Tensor
-    """Sum of the top and bottom commitment losses."""
-    codes_top: torch.Tensor
-    """``[B, H/8, W/8]`` int64."""
-    codes_bottom: torch.Tensor
-    """``[B, H/4, W/4]`` int64."""
-    perplexity_top: torch.Tensor
-    perplexity_bottom: torch.Tensor
-    usage_top: torch.Tensor
-    """Fraction of the top codebook used in this batch."""
-    usage_bottom: torch.Tensor
+    """Sum of every level's commitment loss."""
+    codes: dict[str, torch.Tensor]
+    """``[B, H/f, W/f]`` int64 per level."""
+    perplexity: dict[str, torch.Tensor]
+    usage: dict[str, torch.Tensor]
+    """Fraction of each level's codebook used in this batch."""
 
 
 class ResBlock(nn.Module):
@@ -132,84 +184,121 @@ def _res_stack(channels: int, res_channels: int, num_blocks: int) -> list[nn.Mod
     return [*(ResBlock(channels, res_channels) for _ in range(num_blocks)), nn.ReLU()]
 
 
-def _encoder_x4(cfg: VQVAEConfig) -> nn.Sequential:
-    """Image ``[C, H]`` → features ``[hidden, H/4]``: two stride-2 4x4 convs, a 3x3 conv, residuals."""
-    half = cfg.hidden_channels // 2
+def _halvings(factor: int) -> int:
+    """How many stride-2 steps make a downsampling ``factor`` (a power of two)."""
+    return factor.bit_length() - 1
+
+
+def _image_encoder(cfg: VQVAEConfig, steps: int) -> nn.Sequential:
+    """Image ``[C, H]`` → features ``[hidden, H/2^steps]``: stride-2 4x4 convs (the last one to
+    ``hidden``, the others to ``hidden/2``), a 3x3 conv, residual blocks."""
+    half, widths = cfg.hidden_channels // 2, [cfg.in_channels]
+    widths += [half] * (steps - 1) + [cfg.hidden_channels]
+    layers: list[nn.Module] = []
+    for c_in, c_out in zip(widths, widths[1:]):
+        layers += [nn.Conv2d(c_in, c_out, 4, stride=2, padding=1), nn.ReLU()]
     return nn.Sequential(
-        nn.Conv2d(cfg.in_channels, half, 4, stride=2, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(half, cfg.hidden_channels, 4, stride=2, padding=1),
-        nn.ReLU(),
+        *layers,
         nn.Conv2d(cfg.hidden_channels, cfg.hidden_channels, 3, padding=1),
         *_res_stack(cfg.hidden_channels, cfg.res_channels, cfg.num_res_blocks),
     )
 
 
-def _encoder_x2(cfg: VQVAEConfig) -> nn.Sequential:
-    """Bottom features ``[hidden, H/4]`` → top features ``[hidden, H/8]``."""
+def _feature_encoder(cfg: VQVAEConfig, steps: int) -> nn.Sequential:
+    """The level below's features ``[hidden, h]`` → this level's ``[hidden, h/2^steps]``."""
     half = cfg.hidden_channels // 2
+    layers: list[nn.Module] = []
+    for i in range(steps):
+        layers += [nn.Conv2d(cfg.hidden_channels if i == 0 else half, half, 4, stride=2, padding=1), nn.ReLU()]
     return nn.Sequential(
-        nn.Conv2d(cfg.hidden_channels, half, 4, stride=2, padding=1),
-        nn.ReLU(),
+        *layers,
         nn.Conv2d(half, cfg.hidden_channels, 3, padding=1),
         *_res_stack(cfg.hidden_channels, cfg.res_channels, cfg.num_res_blocks),
     )
 
 
-def _decoder_x2(cfg: VQVAEConfig) -> nn.Sequential:
-    """Top codes ``[D, H/8]`` → ``[D, H/4]``, the features that condition the bottom quantizer."""
+def _transposed_steps(c_in: int, c_mid: int, c_out: int, steps: int) -> list[nn.Module]:
+    """``steps`` stride-2 4x4 transposed convs, ``c_in`` → ``c_mid`` ... → ``c_out``, ReLU between."""
+    widths = [c_in] + [c_mid] * (steps - 1) + [c_out]
+    layers: list[nn.Module] = []
+    for c_a, c_b in zip(widths, widths[1:]):
+        layers += [nn.ConvTranspose2d(c_a, c_b, 4, stride=2, padding=1), nn.ReLU()]
+    return layers[:-1]
+
+
+def _condition_decoder(cfg: VQVAEConfig, in_channels: int, steps: int) -> nn.Sequential:
+    """A level's codes (with the conditioning from above) ``[in, h]`` → ``[D, h*2^steps]``: what
+    conditions the next level's quantizer."""
     return nn.Sequential(
-        nn.Conv2d(cfg.code_dim, cfg.hidden_channels, 3, padding=1),
+        nn.Conv2d(in_channels, cfg.hidden_channels, 3, padding=1),
         *_res_stack(cfg.hidden_channels, cfg.res_channels, cfg.num_res_blocks),
-        nn.ConvTranspose2d(cfg.hidden_channels, cfg.code_dim, 4, stride=2, padding=1),
+        *_transposed_steps(cfg.hidden_channels, cfg.hidden_channels, cfg.code_dim, steps),
     )
 
 
-def _decoder_x4(cfg: VQVAEConfig) -> nn.Sequential:
-    """Both levels ``[2D, H/4]`` → image ``[C, H]``."""
-    half = cfg.hidden_channels // 2
+def _upsampler(cfg: VQVAEConfig, steps: int) -> nn.Module:
+    """A level's quantized map ``[D, h]`` → ``[D, h*2^steps]``, the bottom level's resolution."""
+    layers = _transposed_steps(cfg.code_dim, cfg.code_dim, cfg.code_dim, steps)
+    return layers[0] if steps == 1 else nn.Sequential(*layers)
+
+
+def _image_decoder(cfg: VQVAEConfig, num_levels: int, steps: int) -> nn.Sequential:
+    """Every level at the bottom's resolution ``[L*D, h]`` → image ``[C, h*2^steps]``."""
     return nn.Sequential(
-        nn.Conv2d(2 * cfg.code_dim, cfg.hidden_channels, 3, padding=1),
+        nn.Conv2d(num_levels * cfg.code_dim, cfg.hidden_channels, 3, padding=1),
         *_res_stack(cfg.hidden_channels, cfg.res_channels, cfg.num_res_blocks),
-        nn.ConvTranspose2d(cfg.hidden_channels, half, 4, stride=2, padding=1),
-        nn.ReLU(),
-        nn.ConvTranspose2d(half, cfg.in_channels, 4, stride=2, padding=1),
+        *_transposed_steps(cfg.hidden_channels, cfg.hidden_channels // 2, cfg.in_channels, steps),
     )
 
 
 class VQVAE2(nn.Module):
-    """Hierarchical VQ-VAE with a top code map at 1/8 and a bottom code map at 1/4 of the image side.
+    """Hierarchical VQ-VAE with one code map per level of ``config.hierarchy`` (top first).
 
     The codebooks are EMA buffers updated in ``forward`` while ``self.training``; the rest is trained
-    by backpropagating ``forward(x).loss``.
+    by backpropagating ``forward(x).loss``. Each level's modules are attributes named after it
+    (``encoder_top``, ``quantizer_bottom``, ...), so the two-level model's weights keep the names
+    they have always had.
 
     Example:
-        >>> model = VQVAE2(VQVAEConfig(hidden_channels=32, num_codes=64, code_dim=16))
+        >>> model = VQVAE2(VQVAEConfig(hidden_channels=32, quantizer=QuantizerConfig(num_codes=64, code_dim=16)))
         >>> out = model(torch.rand(2, 3, 32, 32) * 2 - 1)
-        >>> out.codes_top.shape, out.codes_bottom.shape
+        >>> out.codes["top"].shape, out.codes["bottom"].shape
         (torch.Size([2, 4, 4]), torch.Size([2, 8, 8]))
     """
 
     def __init__(self, config: VQVAEConfig):
         super().__init__()
         self.config = config
-        self.encoder_bottom = _encoder_x4(config)
-        self.encoder_top = _encoder_x2(config)
-        self.pre_quant_top = nn.Conv2d(config.hidden_channels, config.code_dim, 1)
-        self.quantizer_top = EMAQuantizer(config.quantizer_config("top"))
-        self.decoder_top = _decoder_x2(config)
-        self.pre_quant_bottom = nn.Conv2d(config.code_dim + config.hidden_channels, config.code_dim, 1)
-        self.quantizer_bottom = EMAQuantizer(config.quantizer_config("bottom"))
-        self.upsample_top = nn.ConvTranspose2d(config.code_dim, config.code_dim, 4, stride=2, padding=1)
-        self.decoder = _decoder_x4(config)
+        levels = config.hierarchy
+        self.level_names = tuple(level.name for level in levels)
+        bottom = levels[-1]
+        # Built in the order the two-level model always was (encoders bottom up, then each level's
+        # quantization top down, then the decoding side): the same seed gives the same initial
+        # weights, and optimizer states saved by older versions still match their parameters.
+        self.add_module(f"encoder_{bottom.name}", _image_encoder(config, _halvings(bottom.downsample)))
+        for level, below in reversed(list(zip(levels, levels[1:]))):
+            steps = _halvings(level.downsample // below.downsample)
+            self.add_module(f"encoder_{level.name}", _feature_encoder(config, steps))
+        for i, level in enumerate(levels):
+            extra = config.code_dim if i > 0 else 0  # the decoded codes above, concatenated
+            self.add_module(f"pre_quant_{level.name}", nn.Conv2d(config.hidden_channels + extra, config.code_dim, 1))
+            self.add_module(f"quantizer_{level.name}", EMAQuantizer(config.quantizer_config(level.name)))
+            if level is not bottom:
+                steps = _halvings(level.downsample // levels[i + 1].downsample)
+                self.add_module(f"decoder_{level.name}", _condition_decoder(config, config.code_dim + extra, steps))
+        for level in levels[:-1]:
+            self.add_module(f"upsample_{level.name}", _upsampler(config, _halvings(level.downsample // bottom.downsample)))
+        self.decoder = _image_decoder(config, len(levels), _halvings(bottom.downsample))
 
-    @staticmethod
-    def latent_shapes(image_size: int) -> tuple[tuple[int, int], tuple[int, int]]:
-        """Code map sizes ``((H_top, W_top), (H_bottom, W_bottom))`` for a square ``image_size``."""
-        if image_size < DOWNSAMPLE or image_size % DOWNSAMPLE:
-            raise ConfigError("image_size", f"must be a positive multiple of {DOWNSAMPLE}, got {image_size}")
-        top, bottom = image_size // DOWNSAMPLE, image_size // (DOWNSAMPLE // 2)
-        return (top, top), (bottom, bottom)
+    def _part(self, kind: str, level: str) -> nn.Module:
+        return getattr(self, f"{kind}_{level}")
+
+    def latent_shapes(self, image_size: int) -> tuple[tuple[int, int], ...]:
+        """Code map sizes ``(H, W)`` of every level, top first, for a square ``image_size``."""
+        factor = self.config.downsample
+        if image_size < factor or image_size % factor:
+            raise ConfigError("image_size", f"must be a positive multiple of {factor}, got {image_size}")
+        return tuple((image_size // level.downsample,) * 2 for level in self.config.hierarchy)
 
     def _check_images(self, x: torch.Tensor) -> None:
         if x.dim() != 4 or x.shape[1] != self.config.in_channels:
@@ -217,67 +306,75 @@ class VQVAE2(nn.Module):
                 f"expected images of shape [B, {self.config.in_channels}, H, W], got {list(x.shape)}"
             )
         h, w = x.shape[-2:]
-        if h % DOWNSAMPLE or w % DOWNSAMPLE:
+        factor = self.config.downsample
+        if h % factor or w % factor:
             raise DataError(
-                f"image size {h}x{w} is not divisible by {DOWNSAMPLE}: VQ-VAE-2 downsamples by "
-                f"{DOWNSAMPLE}; resize or crop the images (e.g. to {h // DOWNSAMPLE * DOWNSAMPLE or 8}x"
-                f"{w // DOWNSAMPLE * DOWNSAMPLE or 8})"
+                f"image size {h}x{w} is not divisible by {factor}: this VQ-VAE downsamples by "
+                f"{factor}; resize or crop the images (e.g. to {h // factor * factor or factor}x"
+                f"{w // factor * factor or factor})"
             )
 
-    def _quantize_levels(self, x: torch.Tensor, update: bool) -> tuple[QuantizerOutput, QuantizerOutput]:
-        """Encode and quantize both levels; the bottom quantizer is conditioned on the top codes."""
+    def _quantize_levels(self, x: torch.Tensor, update: bool) -> list[QuantizerOutput]:
+        """Encode and quantize every level, top first; each below the top is conditioned on those above."""
         self._check_images(x)
-        enc_b = self.encoder_bottom(x)  # [B, hidden, H/4, W/4]
-        enc_t = self.encoder_top(enc_b)  # [B, hidden, H/8, W/8]
-        top = self.quantizer_top(self.pre_quant_top(enc_t), update=update)  # q_t [B, D, H/8, W/8]
-        dec_t = self.decoder_top(top.quantized)  # [B, D, H/4, W/4]
-        z_b = self.pre_quant_bottom(torch.cat([dec_t, enc_b], dim=1))  # [B, D, H/4, W/4]
-        bottom = self.quantizer_bottom(z_b, update=update)
-        return top, bottom
+        features = [self._part("encoder", self.level_names[-1])(x)]
+        for name in reversed(self.level_names[:-1]):
+            features.append(self._part("encoder", name)(features[-1]))
+        features.reverse()  # top first
+        outputs, condition = [], None
+        for name, feats in zip(self.level_names, features):
+            z = self._part("pre_quant", name)(feats if condition is None else torch.cat([condition, feats], dim=1))
+            out = self._part("quantizer", name)(z, update=update)
+            outputs.append(out)
+            if name != self.level_names[-1]:
+                codes = out.quantized if condition is None else torch.cat([out.quantized, condition], dim=1)
+                condition = self._part("decoder", name)(codes)
+        return outputs
 
-    def _decode(self, q_top: torch.Tensor, q_bottom: torch.Tensor) -> torch.Tensor:
-        """Quantized maps ``[B, D, H/8]`` and ``[B, D, H/4]`` → images ``[B, C, H]``."""
-        up_t = self.upsample_top(q_top)  # [B, D, H/4, W/4]
-        # Under autocast up_t is bf16 and q_bottom fp32: cat promotes, the next conv casts back.
-        return self.decoder(torch.cat([up_t, q_bottom], dim=1))
+    def _decode(self, quantized: list[torch.Tensor]) -> torch.Tensor:
+        """Quantized maps ``[B, D, H/f]``, top first → images ``[B, C, H]``."""
+        maps = [self._part("upsample", name)(q) for name, q in zip(self.level_names[:-1], quantized[:-1])]
+        # Under autocast the upsampled maps are bf16 and the bottom one fp32: cat promotes, the
+        # next conv casts back.
+        return self.decoder(torch.cat([*maps, quantized[-1]], dim=1))
 
     def forward(self, x: torch.Tensor) -> VQVAEOutput:
         """Reconstruct ``x [B, C, H, W]`` (in [-1, 1]); updates the codebooks when training."""
-        top, bottom = self._quantize_levels(x, update=self.training)
-        recon = self._decode(top.quantized, bottom.quantized)
+        outputs = self._quantize_levels(x, update=self.training)
+        recon = self._decode([out.quantized for out in outputs])
         recon_loss = F.mse_loss(recon.float(), x.float())
-        commitment = top.commitment_loss + bottom.commitment_loss
+        commitment = sum(out.commitment_loss for out in outputs)
         return VQVAEOutput(
             recon=recon,
             loss=recon_loss + self.config.latent_loss_weight * commitment,
             recon_loss=recon_loss,
             commitment_loss=commitment,
-            codes_top=top.codes,
-            codes_bottom=bottom.codes,
-            perplexity_top=top.perplexity,
-            perplexity_bottom=bottom.perplexity,
-            usage_top=top.usage,
-            usage_bottom=bottom.usage,
+            codes={name: out.codes for name, out in zip(self.level_names, outputs)},
+            perplexity={name: out.perplexity for name, out in zip(self.level_names, outputs)},
+            usage={name: out.usage for name, out in zip(self.level_names, outputs)},
         )
 
     @torch.no_grad()
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Code maps ``(top [B, H/8, W/8], bottom [B, H/4, W/4])`` int64; never updates the codebooks."""
-        top, bottom = self._quantize_levels(x, update=False)
-        return top.codes, bottom.codes
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Code maps ``[B, H/f, W/f]`` int64 of every level, top first; never updates the codebooks."""
+        return tuple(out.codes for out in self._quantize_levels(x, update=False))
 
     @torch.no_grad()
-    def decode_codes(self, codes_top: torch.Tensor, codes_bottom: torch.Tensor) -> torch.Tensor:
-        """Images ``[B, C, H, W]`` from code maps ``[B, H/8, W/8]`` and ``[B, H/4, W/4]``."""
-        th, tw = codes_top.shape[-2:]
-        bh, bw = codes_bottom.shape[-2:]
-        if codes_top.shape[0] != codes_bottom.shape[0] or (bh, bw) != (2 * th, 2 * tw):
-            raise DataError(
-                f"code maps do not match: top {list(codes_top.shape)} needs bottom "
-                f"[{codes_top.shape[0]}, {2 * th}, {2 * tw}], got {list(codes_bottom.shape)}"
-            )
-        for name, codes in (("top", codes_top), ("bottom", codes_bottom)):
-            k = self.config.level_num_codes(name)
-            if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= k):
-                raise DataError(f"{name} codes must lie in [0, {k}), got [{int(codes.min())}, {int(codes.max())}]")
-        return self._decode(self.quantizer_top.lookup(codes_top), self.quantizer_bottom.lookup(codes_bottom))
+    def decode_codes(self, *codes: torch.Tensor) -> torch.Tensor:
+        """Images ``[B, C, H, W]`` from every level's code map ``[B, H/f, W/f]``, top first."""
+        levels = self.config.hierarchy
+        if len(codes) != len(levels):
+            raise DataError(f"decode_codes takes {len(levels)} code maps ({', '.join(self.level_names)}), "
+                            f"got {len(codes)}")
+        top = codes[0]
+        for level, level_codes in zip(levels, codes):
+            ratio = levels[0].downsample // level.downsample
+            expected = [top.shape[0], top.shape[-2] * ratio, top.shape[-1] * ratio]
+            if list(level_codes.shape) != expected:
+                raise DataError(f"code maps do not match: top {list(top.shape)} needs {level.name} "
+                                f"{expected}, got {list(level_codes.shape)}")
+            k = level.num_codes
+            if level_codes.numel() and (int(level_codes.min()) < 0 or int(level_codes.max()) >= k):
+                raise DataError(f"{level.name} codes must lie in [0, {k}), got "
+                                f"[{int(level_codes.min())}, {int(level_codes.max())}]")
+        return self._decode([self._part("quantizer", name).lookup(c) for name, c in zip(self.level_names, codes)])
