@@ -144,7 +144,7 @@ def time_to_reach(curve: list[tuple[int, float, float]], target: float) -> float
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", type=Path)
-    parser.add_argument("--level", choices=["top", "bottom"], default="bottom")
+    parser.add_argument("--level", default="bottom", help="the level whose prior is trained (top, bottom, or another of vqvae.model.levels)")
     parser.add_argument("--a", action="append", default=[], help="an override of arm a (KEY=VALUE; repeat)")
     parser.add_argument("--b", action="append", default=[], help="an override of arm b (KEY=VALUE; repeat)")
     parser.add_argument("--budget", type=float, default=600.0, help="training seconds per arm at most")
