@@ -19,12 +19,29 @@ os.environ.setdefault("VQGEN_CPU_BF16", "0")
 
 
 
+def pytest_xdist_auto_num_workers(config) -> int:
+    """``-n auto``: the cores this process may run on. pytest-xdist would count the host's cores
+    (psutil), which in a container limited to 2 of 64 starts 64 workers."""
+    return len(os.sched_getaffinity(0))
+
+
 @pytest.fixture(scope="module")
 def single_thread():
     """For modules of tiny models (``pytestmark = pytest.mark.usefixtures("single_thread")``): they
     run fastest on one thread; two threads spin badly on a busy 2-core machine."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def all_cores():
+    """For modules of large models (Inception at 299x299): this process's share of the cores. Under
+    pytest-xdist the workers split them; more threads than cores would spin against each other."""
+    threads = torch.get_num_threads()
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // workers))
     yield
     torch.set_num_threads(threads)
 

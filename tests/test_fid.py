@@ -8,19 +8,18 @@ implementation (8 * N_IMAGES forward passes in all).
 """
 
 import gzip
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from tiny_pipeline import SHARED_DATA
 
 from vqgen.errors import CheckpointError
 from vqgen.metrics import InceptionFeatures, as_uint8_batches, frechet_distance, stats_from_images
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("all_cores")]
 
-SHARED_DATA = Path(os.environ.get("VQGEN_TEST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 WEIGHTS = SHARED_DATA / "inception" / "pt_inception-2015-12-05-nofc.pth"
 CIFAR_NPZ = SHARED_DATA / "cifar10-subset" / "cifar10_subset.npz"
 FASHION_TEST_IMAGES = SHARED_DATA / "fashion-mnist" / "FashionMNIST" / "raw" / "t10k-images-idx3-ubyte.gz"
@@ -33,15 +32,6 @@ if not all(p.is_file() for p in (WEIGHTS, CIFAR_NPZ, FASHION_TEST_IMAGES)):
     )
 pytorch_fid_inception = pytest.importorskip("pytorch_fid.inception")
 pytorch_fid_score = pytest.importorskip("pytorch_fid.fid_score")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def all_cores():
-    """The shared conftest pins one thread (right for tiny models); Inception at 299x299 uses every core."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(len(os.sched_getaffinity(0)))
-    yield
-    torch.set_num_threads(previous)
 
 
 def _read_idx_images(path: Path) -> np.ndarray:

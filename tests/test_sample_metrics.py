@@ -7,7 +7,6 @@ to 1%, and the end-to-end difference, which comes from the resize convention onl
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -131,6 +130,18 @@ def test_projection_keeps_the_frechet_distance():
     assert frechet_distance(stats_from_features(pa), stats_from_features(pb)) == pytest.approx(direct, rel=1e-9)
 
 
+def test_overall_fid_of_fewer_images_than_dimensions_is_the_full_distance():
+    # 20 + 30 images of 64-d features: computed in their span, compared with the full statistics.
+    real, fake = FeatureSet(pool=_features(20, 0)), FeatureSet(pool=_features(30, 1, shift=0.3))
+    result = compute_sample_metrics(real, fake, kid_subsets=2)
+    full = frechet_distance(stats_from_features(fake.pool), stats_from_features(real.pool))
+    assert result.values["fid"] == pytest.approx(full, rel=1e-9)
+    # At or above the dimension the cached statistics are used as they are.
+    many = FeatureSet(pool=_features(70, 2))
+    assert compute_sample_metrics(many, fake, kid_subsets=2).values["fid"] == pytest.approx(
+        frechet_distance(stats_from_features(fake.pool), stats_from_features(many.pool)), rel=1e-12)
+
+
 def test_results_are_deterministic():
     real = FeatureSet(pool=_features(80, 0), labels=torch.arange(80) % 2)
     fake = FeatureSet(pool=_features(80, 1, shift=0.1), logits=_features(80, 2)[:, :20], labels=torch.arange(80) % 2)
@@ -216,15 +227,6 @@ def test_old_or_fid_only_cache_files_are_a_miss_not_an_error(tmp_path):
 
 N_IMAGES = 50  # per set; each image is encoded by vqgen and by torch-fidelity (~10 images/s)
 SETTINGS_KID_SUBSET = 25  # below the count, so the subsets differ and the KID std is not 0
-
-
-@pytest.fixture(scope="module")
-def all_cores():
-    """The shared conftest pins one thread (right for tiny models); Inception at 299x299 uses every core."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(len(os.sched_getaffinity(0)))
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

@@ -36,7 +36,6 @@ import torch
 from einops import rearrange
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
-from torchvision.transforms.v2 import functional as TF
 
 from vqgen.data.folder_index import FolderIndex, ListedFile, scan_image_files
 from vqgen.data.procedural import EVAL_STREAM, TRAIN_STREAM, ProceduralConfig, ProceduralShapes
@@ -162,6 +161,9 @@ class ImageTransform:
         x = match_channels(torch.from_numpy(pixels), self.channels)  # [C,H,W]
         size = self.image_size
         if x.shape[-2:] != (size, size):
+            # Imported here: torchvision costs 1.5 s at start-up, and most sources are stored at size.
+            from torchvision.transforms.v2 import functional as TF
+
             x = TF.resize(x, [size], antialias=True)
             x = TF.center_crop(x, [size, size]).clamp(-1.0, 1.0)
         if self.hflip and torch.rand(()) < 0.5:

@@ -272,7 +272,7 @@ def compute_sample_metrics(
     if real.pool.shape[1] != fake.pool.shape[1]:
         raise DataError(f"sample metrics: real features are {real.pool.shape[1]}-d, generated {fake.pool.shape[1]}-d")
     out = SampleMetrics(values={"num_real": len(real), "num_fake": len(fake)})
-    out.values["fid"] = frechet_distance(fake.feature_stats(), real.feature_stats())
+    out.values["fid"] = feature_set_fid(fake, real)
     _add_kid(out, real, fake, kid_subsets, kid_subset_size, kid_degree, kid_gamma, kid_coef0, seed)
     _add_inception_score(out, fake, isc_splits, seed)
     _add_precision_recall(out, real, fake, pr_k, pr_batch_size)
@@ -334,8 +334,22 @@ def _add_per_class_fid(out: SampleMetrics, real: FeatureSet, fake: FeatureSet) -
             out.unavailable[name] = (
                 f"{len(real_c)} real and {len(fake_c)} generated images of class {label}; needs 2 of each")
             continue
-        real_c, fake_c = project_to_common_span(real_c, fake_c)
-        out.values[name] = frechet_distance(stats_from_features(fake_c), stats_from_features(real_c))
+        out.values[name] = features_fid(fake_c, real_c)
+
+
+def feature_set_fid(fake: FeatureSet, real: FeatureSet) -> float:
+    """FID of two feature sets: from their (possibly cached) statistics, or, when the images are
+    fewer than the feature dimensions, from the features in their common span (same value)."""
+    if len(fake) + len(real) + 1 < fake.pool.shape[1]:
+        return features_fid(fake.pool, real.pool)
+    return frechet_distance(fake.feature_stats(), real.feature_stats())
+
+
+def features_fid(fake: Tensor, real: Tensor) -> float:
+    """FID of two feature matrices ``[n, D]``, computed in their common span when it is smaller
+    than D."""
+    real, fake = project_to_common_span(real, fake)
+    return frechet_distance(stats_from_features(fake), stats_from_features(real))
 
 
 def project_to_common_span(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
