@@ -11,7 +11,8 @@ the keys are the pipeline's (``prior.LEVEL.*``, and ``run.mixed_precision`` / ``
 The arms train in turns of ``--turn`` seconds each, so that whatever else slows the machine
 slows both alike; each arm evaluates its validation bits/dim (in fp32, on the first
 ``--eval-batches`` batches of the eval store, the same set every time) every ``--eval-every``
-seconds of its own training time, which excludes evaluation. An arm stops at its configured
+seconds of its own training time, which excludes evaluation; with ``train.ema_decay`` the weight
+average is updated every step (in the training time) and is what is evaluated. An arm stops at its configured
 steps (its learning-rate schedule is the stage's) or at ``--budget`` seconds of training.
 
 Written to ``--out``: ``curve.csv`` (arm, step, train_seconds, val_bits_per_dim), ``curve.png``,
@@ -35,6 +36,7 @@ from torch.utils.data import DataLoader, RandomSampler
 
 from vqgen.config import load_config
 from vqgen.data.code_dataset import CodeDataset
+from vqgen.ema import WeightEMA
 from vqgen.evaluation import prior_inputs
 from vqgen.metrics.image import bits_per_dim
 from vqgen.models.pixelcnn import GatedPixelCNN
@@ -58,6 +60,8 @@ class Arm:
     conditional: bool
     above: tuple[str, ...]
     """The levels whose codes condition this one (top first)."""
+    ema: WeightEMA | None = None
+    """The weight average (``train.ema_decay`` > 0): evaluation reads it, as the stage's does."""
     train_seconds: float = 0.0
     step: int = 0
     next_eval: float = 0.0
@@ -87,8 +91,9 @@ def build_arm(name: str, run_dir: Path, level: str, overrides: list[str], device
                         generator=torch.Generator().manual_seed(cfg.run.seed))
     bf16 = resolve_mixed_precision(cfg.run.mixed_precision) == "bf16"
     forward = torch.compile(model) if stage.train.compile else model
+    ema = WeightEMA(model, stage.train.ema_decay, stage.train.ema_start) if stage.train.ema_decay > 0 else None
     return Arm(name, model, forward, optimizer, scheduler, forever(loader), stage.train.steps, bf16,
-               stage.class_conditional, levels_above(store, level))
+               stage.class_conditional, levels_above(store, level), ema)
 
 
 def train_turn(arm: Arm, level: str, seconds: float, budget: float, device: torch.device, grad_clip: float = 1.0) -> None:
@@ -109,6 +114,8 @@ def train_turn(arm: Arm, level: str, seconds: float, budget: float, device: torc
         arm.optimizer.step()
         arm.scheduler.step()
         arm.optimizer.zero_grad(set_to_none=True)
+        if arm.ema is not None:
+            arm.ema.update(arm.model, arm.step + 1)
         if device.type == "cuda":
             torch.cuda.synchronize()
         arm.train_seconds += time.perf_counter() - start
@@ -162,7 +169,8 @@ def main(argv: list[str] | None = None) -> dict:
     eval_batches = [{k: v.to(device) for k, v in b.items()} for _, b in zip(range(args.eval_batches), loader)]
 
     def evaluate(arm: Arm) -> None:
-        value = validation_bpd(arm.model, eval_batches, args.level, arm.conditional, arm.above)
+        with arm.ema.applied(arm.model) if arm.ema is not None else nullcontext(arm.model) as model:
+            value = validation_bpd(model, eval_batches, args.level, arm.conditional, arm.above)
         arm.curve.append((arm.step, arm.train_seconds, value))
         arm.next_eval = arm.train_seconds + args.eval_every
         print(f"arm {arm.name}: step {arm.step}, {arm.train_seconds:.0f} s, val bits/dim {value:.4f}", flush=True)

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tiny_pipeline import tiny_config
 from vqgen.pipeline import run_single_stage
@@ -54,3 +55,26 @@ def test_two_arms_train_and_write_curves(tmp_path, level):
     assert summary["final"]["b"]["step"] == 4
     assert summary["seconds_to_target"]["a"] is not None  # arm a reaches its own last value
     assert (out / "curve.png").stat().st_size > 0
+
+
+def test_weight_average_is_updated_by_training_and_evaluated(tmp_path):
+    cfg = tiny_config(tmp_path, "tiny")
+    run_single_stage(cfg, "train-vqvae")
+    run_single_stage(cfg, "extract-codes")
+    script = load_script()
+    device = torch.device("cpu")
+    arm = script.build_arm("b", cfg.run_dir, "top", ["prior.top.train.ema_decay=0.5", "prior.top.train.steps=3"], device)
+    assert arm.ema is not None
+    start = [a.clone() for a in arm.ema.averages]
+    script.train_turn(arm, "top", 60.0, 60.0, device)
+    assert arm.step == 3
+    raw = [p.detach().clone() for p in arm.model.parameters()]
+    # After three steps at decay 0.5 the average is neither the initial weights nor the last ones.
+    assert any(not torch.equal(a, s) for a, s in zip(arm.ema.averages, start))
+    assert any(not torch.equal(a, r) for a, r in zip(arm.ema.averages, raw))
+    batches = [next(arm.batches)]
+    with arm.ema.applied(arm.model) as averaged:
+        on_average = script.validation_bpd(averaged, batches, "top", arm.conditional, arm.above)
+    on_raw = script.validation_bpd(arm.model, batches, "top", arm.conditional, arm.above)
+    assert on_average != on_raw
+    assert all(torch.equal(p, r) for p, r in zip(arm.model.parameters(), raw))
