@@ -195,7 +195,8 @@ def write_results(arms: list[Arm], args) -> dict:
         for arm in arms:
             writer.writerows((arm.name, step, f"{s:.3f}", f"{v:.5f}") for step, s, v in arm.curve)
     panel = {f"arm {arm.name}": [(s, v) for _, s, v in arm.curve] for arm in arms}
-    draw_curves({f"{args.level} prior: validation bits/dim against training seconds": panel}).save(args.out / "curve.png")
+    draw_curves({f"{args.level} prior: validation bits/dim": panel}, log_scale=("bits/dim",),
+                x_label="training seconds").save(args.out / "curve.png")
     target = arms[0].curve[-1][2]
     reach = {arm.name: time_to_reach(arm.curve, target) for arm in arms}
     summary = {

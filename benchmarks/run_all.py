@@ -100,9 +100,11 @@ def plan(smoke: bool, full: bool, results: Path) -> list[Step]:
         train("train-cifar-bottom-prior", *CIFAR_BOTTOM_PRIOR, limit=120)
         train("train-cifar-bottom-prior-torch-kernels", *CIFAR_BOTTOM_PRIOR, "--backend", "torch", limit=120)
     if smoke:
-        sampling = [("sample-toy-b2", [*TOY_SAMPLING, "--batch", "2"])]
+        sampling = [("sample-toy-b2", [*TOY_SAMPLING, "--batch", "2"]),
+                    ("sample-toy-b2-bf16", [*TOY_SAMPLING, "--batch", "2", "--precision", "bf16"])]
     else:
-        sampling = [("sample-256-top-b64", TOP_256), ("sample-256-bottom-b64", BOTTOM_256)]
+        sampling = [("sample-256-top-b64", TOP_256), ("sample-256-bottom-b64", BOTTOM_256),
+                    ("sample-256-bottom-b64-bf16", [*BOTTOM_256, "--precision", "bf16"])]
         sampling += [(f"sample-cifar-bottom-b{b}", [*BOTTOM_CIFAR, "--batch", str(b)]) for b in (1, 64, 512)]
     graphs = [] if smoke else ["--cuda-graphs"]
     steps += [Step(name, script("sampling_speed.py", *args, *graphs), 240) for name, args in sampling]

@@ -9,6 +9,12 @@ Random-weight priors of the given size (speed does not depend on the weights; th
 the same logits and codes is tested in tests/test_sampling.py). The full path runs the whole prior
 once per position; it is timed on ``--full-positions`` positions (its cost per position is
 constant) and extrapolated, so the comparison stays affordable at large sizes.
+
+``--precision bf16`` times the cached path on a bf16 copy of the prior instead and measures how
+far it strays from fp32: both step through the fp32 draws in lockstep (teacher-forced), and the
+result gives the mean KL divergence of the bf16 step distribution from the fp32 one, the largest
+log-probability difference, and the fraction of draws (same random numbers, same prefix) that
+pick a different code.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import time
 import torch
 
 from vqgen.models.pixelcnn import GatedPixelCNN, PriorConfig, PriorLayout
-from vqgen.sampling import SamplerConfig, choose_codes, sample
+from vqgen.sampling import IncrementalPrior, SamplerConfig, choose_codes, prior_for_sampling, sample
 
 
 def build(args) -> tuple[GatedPixelCNN, torch.Tensor | None]:
@@ -62,6 +68,26 @@ def full_seconds_per_position(prior, condition, args) -> float:
     return seconds / args.full_positions
 
 
+@torch.no_grad()
+def divergence(prior, condition, precision: str, args) -> dict:
+    """How the ``precision`` copy's steps differ from fp32's along the fp32 draws (see the docstring)."""
+    exact = IncrementalPrior(prior, args.batch, condition=condition)
+    low = IncrementalPrior(prior_for_sampling(prior, precision), args.batch, condition=condition)
+    uniforms = torch.rand(prior.layout.shape[0] * prior.layout.shape[1], args.batch,
+                          generator=torch.Generator().manual_seed(2)).to(args.device)
+    kl, worst, differ = 0.0, 0.0, 0
+    for uniform in uniforms:
+        ref, other = exact.step_logits().log_softmax(-1), low.step_logits().float().log_softmax(-1)
+        kl += (ref.exp() * (ref - other)).sum(-1).mean().item()
+        worst = max(worst, (ref - other).abs().max().item())
+        codes = choose_codes(ref, SamplerConfig(), uniform)
+        differ += int((choose_codes(other, SamplerConfig(), uniform) != codes).sum())
+        exact.commit(codes)
+        low.commit(codes)
+    return {"mean_kl_nats": kl / len(uniforms), "max_abs_logprob_diff": worst,
+            "draws_differing": differ / uniforms.numel()}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--level", choices=["top", "bottom"], default="bottom")
@@ -79,19 +105,26 @@ def main() -> None:
     p.add_argument("--cuda-graphs", action="store_true",
                    help="also time the cached path with each step replayed as a CUDA graph (GPU only)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="the cached path's arithmetic (SamplerConfig.precision); bf16 also reports its divergence")
     args = p.parse_args()
 
     prior, condition = build(args)
     positions = args.shape[0] * args.shape[1]
     gen = lambda: torch.Generator(device=args.device).manual_seed(1)  # noqa: E731
-    sample(prior, args.batch, condition=condition, generator=gen())  # warm-up
-    cached_s, codes = timed(lambda: sample(prior, args.batch, condition=condition, generator=gen()), args.device)
+    config = SamplerConfig(precision=args.precision)
+    cached = lambda: sample(prior, args.batch, condition=condition, generator=gen(), config=config)  # noqa: E731
+    cached()  # warm-up
+    cached_s, codes = timed(cached, args.device)
     result = {"level": args.level, "shape": args.shape, "batch": args.batch, "channels": args.channels,
               "layers": args.layers, "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
-              "threads": torch.get_num_threads(), "cached_seconds": cached_s,
+              "threads": torch.get_num_threads(), "precision": args.precision, "cached_seconds": cached_s,
               "cached_samples_per_sec": args.batch / cached_s}
+    if args.precision != "fp32":
+        result.update(divergence(prior, condition, args.precision, args))
     if args.cuda_graphs:
-        graphed = lambda: sample(prior, args.batch, condition=condition, generator=gen(), cuda_graphs=True)  # noqa: E731
+        graphed = lambda: sample(prior, args.batch, condition=condition, generator=gen(), config=config,  # noqa: E731
+                                 cuda_graphs=True)
         graphed()  # warm-up (the capture itself is inside each call and is timed, as a user pays it)
         graphed_s, graphed_codes = timed(graphed, args.device)
         result.update(graphed_seconds=graphed_s, graphed_samples_per_sec=args.batch / graphed_s,

@@ -35,7 +35,7 @@ def test_run_all_smoke_runs_every_script(tmp_path):
     status = {cells[1].strip(): cells[2].strip() for cells in (line.split("|") for line in summary.splitlines()[2:])}
     assert status.pop("cuda-tests") in ("ok", "skipped: needs a GPU")
     assert set(status) >= {"ceilings", "bench_gated", "bench_vq_search", "bench_attention", "train-top-prior",
-                           "train-top-prior-torch-kernels", "sample-toy-b2", "train-vqvae-32",
+                           "train-top-prior-torch-kernels", "sample-toy-b2", "sample-toy-b2-bf16", "train-vqvae-32",
                            "train-vqvae-32-torch-kernels"}
     assert set(status.values()) == {"ok"}, summary
     figures = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
@@ -43,6 +43,8 @@ def test_run_all_smoke_runs_every_script(tmp_path):
     assert "mfu" in by_step["train-top-prior"], log  # the ceilings step's bf16 rate reached the MFU step
     assert by_step["train-top-prior"]["mfu"] > 0
     assert by_step["sample-toy-b2"]["cached_samples_per_sec"] > 0
+    bf16 = by_step["sample-toy-b2-bf16"]
+    assert bf16["precision"] == "bf16" and 0 <= bf16["draws_differing"] <= 1 and bf16["mean_kl_nats"] >= 0
 
 
 def test_run_all_stops_starting_steps_when_the_budget_is_spent(tmp_path):

@@ -14,6 +14,7 @@ from vqgen.sampling import (
     choose_codes,
     draw_uniforms,
     filter_logits,
+    prior_for_sampling,
     sample,
 )
 
@@ -229,6 +230,7 @@ def test_uniforms_come_from_the_generator_device_and_are_moved():
         (dict(top_k=-2), "top_k"),
         (dict(top_p=0.0), "top_p"),
         (dict(top_p=1.5), "top_p"),
+        (dict(precision="fp16"), "precision"),
     ],
 )
 def test_sampler_config_rejects_bad_values(settings, key):
@@ -249,3 +251,38 @@ def test_a_prior_below_two_levels_reads_both_maps():
         prior(codes, labels, middle)
     with pytest.raises(DataError, match=r"condition\[0\]: expected shape \[B, 2, 2\]"):
         prior(codes, labels, (middle, middle))
+
+
+@pytest.mark.parametrize("settings", [TOP, BOTTOM], ids=["top", "bottom"])
+def test_bf16_cached_steps_follow_the_fp32_distribution(settings):
+    """Teacher-forced on the same codes, the bf16 copy's step log-probabilities stay within bf16
+    rounding of the fp32 full pass; the caller's prior is left in fp32."""
+    batch = 4
+    prior, labels, condition = build(settings, batch)
+    height, width = prior.layout.shape
+    codes = torch.randint(0, prior.layout.num_codes, (batch, height, width), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        reference = prior(codes, labels, condition).log_softmax(1)
+    low = prior_for_sampling(prior, "bf16")
+    assert low.embed.weight.dtype == torch.bfloat16 and prior.embed.weight.dtype == torch.float32
+    assert prior_for_sampling(prior, "fp32") is prior
+    state = IncrementalPrior(low, batch, labels=labels, condition=condition)
+    for i in range(height):
+        for j in range(width):
+            logp = state.step_logits().float().log_softmax(-1)
+            ref = reference[:, :, i, j]
+            assert (logp - ref).abs().max() < 0.05, f"position {(i, j)}"
+            assert (ref.exp() * (ref - logp)).sum(-1).mean() < 1e-3, f"position {(i, j)}"
+            state.commit(codes[:, i, j])
+
+
+def test_bf16_sampling_is_seeded_and_draws_valid_codes():
+    prior, labels, condition = build(BOTTOM, batch=3)
+    config = SamplerConfig(precision="bf16")
+    draw = lambda seed: sample(prior, 3, labels=labels, condition=condition, config=config,  # noqa: E731
+                               generator=torch.Generator().manual_seed(seed))
+    first = draw(7)
+    assert first.dtype == torch.int64 and first.shape == (3, *prior.layout.shape)
+    assert 0 <= first.min() and first.max() < prior.layout.num_codes
+    assert torch.equal(first, draw(7)) and not torch.equal(first, draw(8))
+    assert prior.embed.weight.dtype == torch.float32

@@ -114,6 +114,9 @@ class SamplePlan:
         rejection rule only when one is on, so plans without one read as they always did)."""
         settings = {**asdict(self), "labels": list(self.labels)}
         settings.pop("rejection")
+        for sampler in (settings["top"], settings["bottom"], *settings["middle"].values()):
+            if sampler["precision"] == "fp32":  # the default: plans from before the option read as they did
+                sampler.pop("precision")
         if not self.middle:  # two levels: the plan reads as it always did
             settings.pop("middle")
         return {**settings, "rejection": self.rejection.settings()} if self.rejection.active else settings
@@ -208,11 +211,11 @@ class VQGen:
         return int(label)
 
     def plan(self, num: int, *, labels=None, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-             seed: int = 0, batch_size: int = 32, top: SamplerConfig | None = None,
+             precision: str = "fp32", seed: int = 0, batch_size: int = 32, top: SamplerConfig | None = None,
              bottom: SamplerConfig | None = None, threshold: float | None = None,
              keep_fraction: float | None = None, max_draw_factor: float | None = None) -> SamplePlan:
         """The :class:`SamplePlan` of :meth:`sample`'s arguments (``vqgen sample`` builds its own so)."""
-        both = SamplerConfig(temperature=temperature, top_k=top_k, top_p=top_p)
+        both = SamplerConfig(temperature=temperature, top_k=top_k, top_p=top_p, precision=precision)
         middle = {name: both for name in self.vqvae.config.level_names[1:-1]}
         plan = SamplePlan(num_samples=num, batch_size=batch_size, seed=seed, top=top or both,
                           bottom=bottom or both, middle=middle, labels=self.class_labels(labels),
@@ -221,7 +224,8 @@ class VQGen:
         return plan
 
     def sample(self, num: int, *, labels: int | str | Sequence[int | str] | None = None, temperature: float = 1.0,
-               top_k: int = 0, top_p: float = 1.0, seed: int = 0, generator: torch.Generator | None = None,
+               top_k: int = 0, top_p: float = 1.0, precision: str = "fp32", seed: int = 0,
+               generator: torch.Generator | None = None,
                batch_size: int = 32, top: SamplerConfig | None = None, bottom: SamplerConfig | None = None,
                threshold: float | None = None, keep_fraction: float | None = None,
                max_draw_factor: float | None = None, progress: bool = False) -> Samples:
@@ -230,8 +234,8 @@ class VQGen:
         Args:
             labels: None draws classes uniformly; a class (index or name) for all; a list: image
                 ``i`` gets ``labels[i % len(labels)]`` (a list of ``num`` gives each image's).
-            temperature, top_k, top_p: every level's sampling; ``top`` / ``bottom`` replace them for
-                the top and the bottom level.
+            temperature, top_k, top_p, precision: every level's sampling (:class:`SamplerConfig`);
+                ``top`` / ``bottom`` replace them for the top and the bottom level.
             seed: batch ``b`` draws from a generator seeded ``seed * 1_000_003 + b``, as the
                 pipeline's sample stage does: its settings give its images.
             generator: draw every batch from this generator instead (reproducible from its state).
@@ -241,7 +245,8 @@ class VQGen:
                 candidates (:mod:`vqgen.rejection`). ``max_draw_factor``: give up when a batch would
                 draw more than this many times its images.
         """
-        plan = self.plan(num, labels=labels, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+        plan = self.plan(num, labels=labels, temperature=temperature, top_k=top_k, top_p=top_p,
+                         precision=precision, seed=seed,
                          batch_size=batch_size, top=top, bottom=bottom, threshold=threshold,
                          keep_fraction=keep_fraction, max_draw_factor=max_draw_factor)
         batches = [self.draw_batch(plan, b, generator=generator, progress=progress) for b in range(plan.num_batches)]

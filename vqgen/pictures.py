@@ -107,17 +107,25 @@ def _draw_panel(draw: ImageDraw.ImageDraw, top: int, width: int, height: int, ti
         else:
             draw.line(coords, fill=colour, width=2)
         legend.append((f"{name} (last {points[-1][1]:.4g})", colour))
-    draw.text((left, top - 18), title + ("  [log scale]" if log else ""), fill="black")
-    x = left + plot_w
-    for text, colour in reversed(legend):
-        x -= 7 * len(text) + 16
-        draw.rectangle([x, top - 14, x + 8, top - 6], fill=colour)
-        draw.text((x + 12, top - 18), text, fill="black")
+    heading = title + ("  [log scale]" if log else "")
+    draw.text((left, top - 18), heading, fill="black")
+    # The legend goes right of the title when both fit on the line (about 7 px a character),
+    # else inside the plot's top right corner, one entry per line.
+    beside = left + 7 * len(heading) + 16 + sum(7 * len(t) + 16 for t, _ in legend) <= left + plot_w
+    x, y = left + plot_w, top - 18
+    for text, colour in reversed(legend) if beside else legend:
+        if beside:
+            x -= 7 * len(text) + 16
+        else:
+            x, y = left + plot_w - 7 * len(text) - 20, y + 14
+        draw.rectangle([x, y + 4, x + 8, y + 12], fill=colour)
+        draw.text((x + 12, y), text, fill="black")
     shown = (lambda v: 10**v) if log else (lambda v: v)
     draw.text((4, top), f"{shown(hi):.3g}", fill="black")
     draw.text((4, top + plot_h - 10), f"{shown(lo):.3g}", fill="black")
-    draw.text((left, top + plot_h + 4), f"{x_label} {s0}", fill="black")
-    draw.text((left + plot_w - 60, top + plot_h + 4), f"{x_label} {s1}", fill="black")
+    ends = [f"{x_label} {s:.4g}" if isinstance(s, float) else f"{x_label} {s}" for s in (s0, s1)]
+    draw.text((left, top + plot_h + 4), ends[0], fill="black")
+    draw.text((left + plot_w - 7 * len(ends[1]), top + plot_h + 4), ends[1], fill="black")
 
 
 def stack_panels(panels: list[tuple[str, Image.Image]], width: int = 800) -> Image.Image:

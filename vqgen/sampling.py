@@ -17,14 +17,17 @@ and replay them.
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
+from typing import Literal
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from vqgen.configtools import added_field
 from vqgen.errors import ConfigError
 from vqgen.models.pixelcnn import GatedPixelCNN
 
@@ -39,6 +42,11 @@ class SamplerConfig:
     """Sample among the k most likely codes only (0 = off)."""
     top_p: float = 1.0
     """Nucleus sampling: the smallest set of codes holding this probability mass (1.0 = off)."""
+    precision: Literal["fp32", "bf16"] = added_field("fp32")
+    """The prior's arithmetic while sampling. "bf16" runs a bf16 copy of its weights and caches (a
+    cached step is bound by reading the weights, so half the bytes); the logits are drawn from in
+    fp32. Not bit-exact: a draw that lands within rounding of a CDF step can take the neighbouring
+    code (``benchmarks/sampling_speed.py --precision bf16`` measures the divergence)."""
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -47,6 +55,19 @@ class SamplerConfig:
             raise ConfigError("top_k", f"must be >= 0, got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise ConfigError("top_p", f"must be in (0, 1], got {self.top_p}")
+        if self.precision not in ("fp32", "bf16"):
+            raise ConfigError("precision", f'must be "fp32" or "bf16", got {self.precision!r}')
+
+
+SAMPLING_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def prior_for_sampling(prior: GatedPixelCNN, precision: str) -> GatedPixelCNN:
+    """``prior`` itself in fp32, else a copy in ``precision`` (the caller's model is left as it is)."""
+    dtype = SAMPLING_DTYPES[precision]
+    if prior.embed.weight.dtype == dtype:
+        return prior
+    return copy.deepcopy(prior).to(dtype)
 
 
 def filter_logits(logits: torch.Tensor, *, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -255,6 +276,7 @@ def sample(
     """
     height, width = prior.layout.shape
     config = config or SamplerConfig()
+    prior = prior_for_sampling(prior, config.precision)
     with _eval_mode(prior):
         device = prior.embed.weight.device
         uniforms = draw_uniforms(height * width, n, generator, device)
