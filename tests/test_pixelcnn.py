@@ -15,7 +15,8 @@ from vqgen.configtools import from_dict
 from vqgen.errors import ConfigError, DataError
 from vqgen.kernels.causal_attention import strictly_causal_attention
 from vqgen.metrics.image import bits_per_dim
-from vqgen.models.pixelcnn import GatedPixelCNN, PriorConfig, PriorLayout
+import vqgen.models.pixelcnn as pixelcnn
+from vqgen.models.pixelcnn import GatedPixelCNN, PriorConfig, PriorLayout, padded_conv
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -242,3 +243,60 @@ def test_kernel_backend_reaches_the_attention(monkeypatch):
         prior(codes, labels=torch.tensor([0, 1]))
         assert seen and set(seen) == {backend}
         seen.clear()
+
+
+@pytest.mark.parametrize(
+    "kernel, padding",
+    [((2, 3), (1, 1, 1, 0)), ((1, 1), (0, 0, 1, -1)), ((1, 2), (2, -1, 0, 0)), ((3, 5), (2, 2, 2, 0))],
+    ids=["vertical", "link", "horizontal-first", "vertical-k5"],
+)
+def test_padded_conv_as_one_matrix_product_matches_the_convolution(kernel, padding):
+    """Under CPU autocast on a small map, the shifted windows times the reshaped weight give
+    ``conv(F.pad(x))`` and its gradients (against fp32 on the same bf16-rounded values)."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(6, 10, kernel)
+    with torch.no_grad():
+        conv.weight.copy_(conv.weight.bfloat16().float())
+        conv.bias.copy_(conv.bias.bfloat16().float())
+    x = torch.randn(3, 6, 4, 4).bfloat16().float().requires_grad_(True)
+    upstream = torch.randn(3, 10, 4, 4).bfloat16().float()
+
+    want = conv(F.pad(x, padding))
+    want_grads = torch.autograd.grad((want * upstream).sum(), (x, conv.weight, conv.bias))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = padded_conv(x, conv, padding)
+    assert got.shape == want.shape and got.dtype == torch.bfloat16
+    assert got.is_contiguous(memory_format=torch.channels_last) and not got.is_contiguous()  # the matmul path
+    got_grads = torch.autograd.grad((got.float() * upstream).sum(), (x, conv.weight, conv.bias))
+    torch.testing.assert_close(got.float(), want, atol=3e-2, rtol=2e-2)
+    for name, g, w in zip(("x", "weight", "bias"), got_grads, want_grads):
+        torch.testing.assert_close(g, w, atol=5e-2, rtol=2e-2, msg=name)
+
+
+def test_padded_conv_keeps_the_convolution_in_fp32_and_on_large_maps():
+    conv = torch.nn.Conv2d(4, 8, (2, 3))
+    small, large = torch.randn(2, 4, 4, 4), torch.randn(2, 4, 16, 16)
+    assert torch.equal(padded_conv(small, conv, (1, 1, 1, 0)), conv(F.pad(small, (1, 1, 1, 0))))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = padded_conv(large, conv, (1, 1, 1, 0))
+        want = conv(F.pad(large, (1, 1, 1, 0)))
+    assert torch.equal(got, want)
+
+
+def test_prior_under_cpu_autocast_matches_the_convolution_path(monkeypatch):
+    """The whole top prior at 8x8 under bf16 autocast: the matrix-product path (taken at <= 64
+    positions) gives the loss and gradients of the library convolutions, to bf16 accuracy."""
+    torch.manual_seed(0)
+    prior = tiny_prior(top_config()).train()
+    codes, labels, _ = make_inputs(prior.layout, batch=4)
+    results = []
+    for largest in (64, 0):  # 0: no map is small enough, every layer convolves
+        monkeypatch.setattr(pixelcnn, "_MATMUL_CONV_MAX_POSITIONS", largest)
+        prior.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = F.cross_entropy(prior(codes, labels).float(), codes)
+        loss.backward()
+        results.append((loss.detach(), prior.layers[0].vertical.weight.grad.clone()))
+    (loss_a, grad_a), (loss_b, grad_b) = results
+    torch.testing.assert_close(loss_a, loss_b, atol=1e-2, rtol=1e-2)
+    assert F.cosine_similarity(grad_a.flatten(), grad_b.flatten(), dim=0) > 0.99

@@ -63,6 +63,19 @@ def test_gradients_match_reference():
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=name)
 
 
+def test_bf16_on_a_cpu_matches_the_reference_and_keeps_its_dtype():
+    """On a CPU, half-precision inputs are attended in fp32 (the CPU flash kernel is slower in bf16):
+    the result, and the gradients reaching the bf16 leaves, are bf16 and match the fp32 definition."""
+    args = _qkv(dtype=torch.bfloat16)
+    leaves = [t.clone().requires_grad_(True) for t in args]
+    out = strictly_causal_attention(*leaves)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), strictly_causal_attention_reference(*(t.float() for t in args)),
+                               atol=2e-2, rtol=2e-2)
+    out.float().sum().backward()
+    assert all(t.grad is not None and t.grad.dtype == torch.bfloat16 for t in leaves)
+
+
 def test_cached_steps_match_full_attention():
     q, k, v, start_k, start_v = _qkv()
     k_cache, v_cache = new_kv_cache(start_k, start_v, B, L)
