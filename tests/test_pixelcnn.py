@@ -284,8 +284,8 @@ def test_padded_conv_keeps_the_convolution_in_fp32_and_on_large_maps():
 
 
 def test_prior_under_cpu_autocast_matches_the_convolution_path(monkeypatch):
-    """The whole top prior at 8x8 under bf16 autocast: the matrix-product path (taken at <= 64
-    positions) gives the loss and gradients of the library convolutions, to bf16 accuracy."""
+    """The whole top prior (8x8 here, the limit raised to take it) under bf16 autocast: the
+    matrix-product path gives the loss and gradients of the library convolutions, to bf16 accuracy."""
     torch.manual_seed(0)
     prior = tiny_prior(top_config()).train()
     codes, labels, _ = make_inputs(prior.layout, batch=4)

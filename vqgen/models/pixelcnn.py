@@ -185,7 +185,7 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return rearrange(t, "b c h w -> (b h w) c")
 
 
-_MATMUL_CONV_MAX_POSITIONS = 64
+_MATMUL_CONV_MAX_POSITIONS = 16
 """Largest map (positions) on which :func:`padded_conv` takes the matrix-product path."""
 
 
@@ -193,11 +193,12 @@ def padded_conv(x: torch.Tensor, conv: nn.Conv2d, padding: tuple[int, int, int, 
     """``conv(F.pad(x, padding))`` for ``x [B, C, H, W]`` (``padding``: left, right, top, bottom; negative
     crops); on small maps under CPU autocast, one matrix product over the channels-last windows.
 
-    On maps of at most 8x8 (a top prior's), oneDNN's bf16 convolution backward runs far below the
-    matrix unit's speed, while the windows, concatenated along channels, make one
-    ``[B*H*W, kh*kw*C]`` product that reaches it: a top prior's training step at 4x4 takes about 0.7x
-    the time, at 8x8 0.8x. At 16x16 the concatenation costs more than it saves (1.3x), and in fp32
-    the convolution is faster at every size; there, and on a GPU, the library convolution runs. The
+    On a map of at most 16 positions (a 4x4 top prior's), oneDNN's bf16 convolution backward runs far
+    below the matrix unit's speed, while the windows, concatenated along channels, make one
+    ``[B*H*W, kh*kw*C]`` product that reaches it: a top prior's bf16 training step at 4x4 takes
+    0.83x the time (NOTES.md). At 8x8 the two are even (1.02x), at 16x16 the concatenation costs more
+    than it saves (1.3x), and in fp32 the convolution is faster at every size; there, and on a GPU,
+    the library convolution runs. The
     result is ``[B, C_out, H', W']`` in channels-last memory, which the gated units and ``_rows`` read
     without a copy.
     """
