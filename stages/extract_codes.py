@@ -2,7 +2,8 @@
 
 Writes ``codes/codes.lmdb`` (training split), ``codes/eval.lmdb`` (evaluation split, if configured)
 and ``codes/manifest.json`` last. Each process encodes its own shard (no padding, so no image is
-written twice); an interrupted extraction resumes by skipping the records already written, and a
+written twice); with ``codes.hflip`` the training store also holds every image flipped
+(records ``N`` to ``2N - 1``), each likewise once. An interrupted extraction resumes by skipping the records already written, and a
 store whose metadata is not marked complete is never read as finished. A store's metadata names
 the VQ-VAE export and the data config its codes came from: a store of another model or other data
 is never resumed, and a complete one of the same is left untouched (not even reopened for writing,
@@ -23,7 +24,7 @@ from tqdm.auto import tqdm
 from vqgen.config import CodesStageConfig
 from vqgen.configtools import split_by_role
 from vqgen.data import CodeLevel, CodeStoreWriter, inspect_store, make_meta, read_store_meta, store_checksum
-from vqgen.data.datasets import DataConfig, build_dataset, skipped_files_report
+from vqgen.data.datasets import DataConfig, WithFlippedCopies, build_dataset, skipped_files_report
 from vqgen.distributed import shard_indices
 from vqgen.stage import Stage, StageResult, folder_index_dir, check_data
 from vqgen.models.export import load_model
@@ -111,6 +112,8 @@ def run(sections: dict, run_dir: Path, accelerator: Accelerator) -> StageResult:
         for line in lines:
             accelerator.print(f"[vqgen] {line}")
         metrics.update(skipped)
+        if split == "train" and cfg.hflip:
+            dataset = WithFlippedCopies(dataset)
         meta = store_meta(model, data, split, dataset.num_classes, checksum, len(dataset))
         done, rate = extract_split(model, dataset, stage_dir / name, meta, cfg, accelerator)
         metrics[f"{split}_images_per_sec"] = accelerator.reduce(torch.tensor(rate, device=accelerator.device), "sum").item()

@@ -88,11 +88,11 @@ def run(sections: dict, run_dir: Path, accelerator: Accelerator) -> StageResult:
 
     loss_fn = classifier_loss_fn(augmentation(cfg))
     state = fit(model, train_set, cfg.train, accelerator, stage_dir, loss_fn, evaluate, None, "val_loss")
-    model = best_weights(accelerator.unwrap_model(model), state, stage_dir)
+    model, exported_step = best_weights(accelerator.unwrap_model(model), state, stage_dir, cfg.train)
     metrics = classification_metrics(model, eval_loader, accelerator)  # the whole eval split
     checksum = export_model(model, stage_dir) if accelerator.is_main_process else None
     outputs = {"model": "model.safetensors", "model_sha256": checksum, "steps": state.step,
-               "exported_step": state.best_step if state.best_step >= 0 else state.step,
+               "exported_step": exported_step,
                "num_classes": train_set.num_classes}
     skipped, lines = skipped_files_report(train=train_set, eval=eval_set)
     for line in lines:

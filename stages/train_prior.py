@@ -116,11 +116,11 @@ def run(sections: dict, run_dir: Path, accelerator: Accelerator, *, level: str) 
 
     loss_fn = prior_loss_fn(level, cfg.class_conditional, above)
     state = fit(model, train_store, cfg.train, accelerator, stage_dir, loss_fn, evaluate, snapshot, "val_bits_per_dim")
-    model = best_weights(accelerator.unwrap_model(model), state, stage_dir)
+    model, exported_step = best_weights(accelerator.unwrap_model(model), state, stage_dir, cfg.train)
     bpd = prior_bits_per_dim(model, eval_loader, accelerator, level, cfg.class_conditional, above=above)
     checksum = export_model(model, stage_dir) if accelerator.is_main_process else None
     outputs = {"model": "model.safetensors", "model_sha256": checksum, "steps": state.step,
-               "exported_step": state.best_step if state.best_step >= 0 else state.step}
+               "exported_step": exported_step}
     metrics = {"val_bits_per_dim": bpd, "uniform_bits_per_dim": math.log2(layout.num_codes)}
     return StageResult(outputs, metrics, files=("model.safetensors", "model.json"))
 

@@ -55,11 +55,11 @@ def run(sections: dict, run_dir: Path, accelerator: Accelerator) -> StageResult:
             log_images(accelerator, {"recon": stage_dir / "recon.png"}, step)
 
     state = fit(model, train_set, cfg.train, accelerator, stage_dir, vqvae_loss, evaluate, snapshot, "val_recon_mse")
-    model = best_weights(accelerator.unwrap_model(model), state, stage_dir)
+    model, exported_step = best_weights(accelerator.unwrap_model(model), state, stage_dir, cfg.train)
     metrics = reconstruction_metrics(model, eval_loader, accelerator)  # the whole eval split
     checksum = export_model(model, stage_dir) if accelerator.is_main_process else None
     outputs = {"model": "model.safetensors", "model_sha256": checksum, "steps": state.step,
-               "exported_step": state.best_step if state.best_step >= 0 else state.step}
+               "exported_step": exported_step}
     skipped, lines = skipped_files_report(train=train_set, eval=eval_set)
     for line in lines:
         accelerator.print(f"[vqgen] {line}")

@@ -212,7 +212,7 @@ def test_fit_evaluates_keeps_and_returns_the_average_and_trains_the_raw_weights(
     assert (state.best_step, state.best_value) == (6, 1.0)
     kept = load_file(str(stage_dir / BEST_WEIGHTS))
     assert all(torch.equal(kept[k], v) for k, v in expected[6].items())
-    best_weights(model, state, stage_dir)
+    assert best_weights(model, state, stage_dir, prior_config(ema_decay=0.3))[1] == 6
     assert all(torch.equal(model.state_dict()[k], v) for k, v in expected[6].items())
 
 

@@ -79,3 +79,49 @@ def test_worker_processes_write_the_same_store(run_cfg):
     parallel_cfg = load_config(run_dir / "config.toml", ["codes.num_workers=2"])
     run_single_stage(parallel_cfg, "extract-codes")
     assert (records(run_dir / "codes" / "codes.lmdb"), store_checksum(run_dir / "codes" / "codes.lmdb")) == serial
+
+
+def test_flipped_copies_follow_the_images(run_cfg):
+    """``codes.hflip``: records N..2N-1 are the codes of the flipped images, the first N those of
+    the plain store; the evaluation store is not doubled; the prior reads all 2N."""
+    from vqgen.config import load_config
+    from vqgen.data.datasets import build_dataset
+
+    run_dir = run_cfg.run_dir
+    run_single_stage(run_cfg, "extract-codes")
+    plain = records(run_dir / "codes" / "codes.lmdb")
+    flip_cfg = load_config(run_dir / "config.toml", ["codes.hflip=true"])
+    run_single_stage(flip_cfg, "extract-codes")
+    doubled = records(run_dir / "codes" / "codes.lmdb")
+    assert len(doubled) == 60 and doubled[:30] == plain
+    assert len(CodeDataset(run_dir / "codes" / "eval.lmdb")) == 6
+
+    model, _, _ = load_model(run_dir / "vqvae")
+    images = torch.stack([build_dataset(flip_cfg.data, "train")[i][0] for i in range(30)])
+    with torch.no_grad():
+        top, bottom = model.encode(images.flip(-1))
+    assert [(t.tolist(), b.tolist(), r[2]) for t, b, r in zip(top, bottom, plain)] == doubled[30:]
+    assert doubled[30:] != plain  # the flipped images' codes are other codes
+    run_single_stage(flip_cfg, "train-prior-bottom")
+
+
+def test_switching_export_best_off_exports_the_last_weights(run_cfg):
+    """``train.export_best`` switched off after training: the stage continues from its last
+    checkpoint and exports that step's weights, not the best ones it kept before."""
+    from safetensors.torch import load_file
+
+    from vqgen.config import load_config
+    from vqgen.manifest import read_manifest
+
+    run_dir = run_cfg.run_dir
+    run_single_stage(run_cfg, "extract-codes")
+    sets = ["prior.top.train.eval_every=1", "prior.top.train.lr=0.05"]
+    run_single_stage(load_config(run_dir / "config.toml", sets), "train-prior-top")
+    stage_dir = run_dir / "prior-top"
+    best = read_manifest(stage_dir)["outputs"]["exported_step"]
+    assert 1 <= best < 8  # a step before the last, so that the switch has something to change
+    run_single_stage(load_config(run_dir / "config.toml", [*sets, "prior.top.train.export_best=false"]), "train-prior-top")
+    assert read_manifest(stage_dir)["outputs"]["exported_step"] == 8
+    last = load_file(str(stage_dir / "checkpoints" / "step-00000008" / "model.safetensors"))
+    exported = load_file(str(stage_dir / "model.safetensors"))
+    assert exported.keys() == last.keys() and all(torch.equal(exported[k], last[k]) for k in last)

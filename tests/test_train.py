@@ -144,7 +144,11 @@ def test_best_validation_weights_are_kept_across_a_resume(tmp_path):
     for key, value in snapshots[4].items():
         assert torch.equal(kept[key], value), key
     assert not torch.equal(model.state_dict()["decoder.0.weight"], snapshots[4]["decoder.0.weight"])
-    best_weights(model, state, tmp_path)
+    last = model.state_dict()["decoder.0.weight"].clone()
+    # Switched off after the best was kept: the last weights stay, and they are what is exported.
+    assert best_weights(model, state, tmp_path, TrainConfig(export_best=False)) == (model, 8)
+    assert torch.equal(model.state_dict()["decoder.0.weight"], last)
+    assert best_weights(model, state, tmp_path, cfg) == (model, 4)
     assert torch.equal(model.state_dict()["decoder.0.weight"], snapshots[4]["decoder.0.weight"])
 
 

@@ -72,6 +72,11 @@ class CodesStageConfig:
     num_workers: int = added_field(0, schedule=True)
     """DataLoader worker processes that read (decode, transform) the images while the VQ-VAE
     encodes; 0: read in the encoding process."""
+    hflip: bool = added_field(False)
+    """Also store the codes of every training image flipped left to right (records ``N`` to
+    ``2N - 1`` for the ``N`` images): twice the priors' training data where images are few. The
+    encoder is not equivariant to flips, so these are the codes of the flipped image, not the
+    codes flipped. The evaluation split is stored once, unflipped."""
 
     def __post_init__(self):
         if self.batch_size < 1:

@@ -320,16 +320,20 @@ def _save_weights(model: torch.nn.Module, path: Path) -> None:
     save_weights(model, path, f"best weights {path}")
 
 
-def best_weights(model: torch.nn.Module, state: TrainState, stage_dir: Path) -> torch.nn.Module:
-    """Load the best-validation weights kept by :func:`fit` into ``model`` (if any were kept).
+def best_weights(model: torch.nn.Module, state: TrainState, stage_dir: Path, cfg: TrainConfig) -> tuple[torch.nn.Module, int]:
+    """``(model, step)``: the best-validation weights kept by :func:`fit` loaded into ``model`` and
+    their step, or ``model`` as it is and the last step when none were kept or ``cfg.export_best``
+    is off (also when it was switched off after the best was kept: the stage then continues from its
+    last checkpoint, and exports the weights of that step).
 
     With a weight average (``train.ema_decay``) they are the average's, evaluated at its best step,
-    and without a best (``export_best`` off) ``model`` already holds the last average: either way the
-    stage exports what its evaluations measured."""
+    and without a best ``model`` already holds the last average: either way the stage exports what
+    its evaluations measured."""
     path = stage_dir / BEST_WEIGHTS
-    if state.best_step >= 0 and path.exists():
+    if cfg.export_best and state.best_step >= 0 and path.exists():
         model.load_state_dict(load_file(str(path), device="cpu"))
-    return model
+        return model, state.best_step
+    return model, state.step
 
 
 def _with_average(ema: WeightEMA | None, model: torch.nn.Module) -> AbstractContextManager[torch.nn.Module]:

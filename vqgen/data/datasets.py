@@ -690,6 +690,26 @@ class ImageDataset(Dataset):
         return self.transform(image), label
 
 
+class WithFlippedCopies(Dataset):
+    """``dataset`` followed by each of its images flipped left to right: item ``i`` is item ``i``
+    of ``dataset`` for ``i < N`` and item ``i - N`` flipped for ``N <= i < 2N``, with its label. The
+    codes stage stores both halves when ``codes.hflip`` is set."""
+
+    def __init__(self, dataset: ImageDataset):
+        self.dataset = dataset
+        self.num_classes = dataset.num_classes
+
+    def __len__(self) -> int:
+        return 2 * len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        count = len(self.dataset)
+        if not 0 <= index < 2 * count:
+            raise IndexError(f"index {index} out of range for {2 * count} images and their flips")
+        image, label = self.dataset[index % count]
+        return (image.flip(-1) if index >= count else image), label
+
+
 def _procedural_source(cfg: DataConfig, split: Split) -> ProceduralShapes:
     shapes = cfg.procedural
     stream = TRAIN_STREAM if split == "train" else EVAL_STREAM
