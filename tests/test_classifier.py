@@ -393,3 +393,37 @@ def test_tradeoff_benchmark_at_toy_size(run_dir, tmp_path, monkeypatch):
     assert [float(r["acceptance_rate"]) for r in rows] == [1.0, 0.5]
     assert all(float(r["fid"]) > 0 and 0 <= float(r["precision"]) <= 1 for r in rows)
     assert (out / "tradeoff.png").stat().st_size > 0 and "| keep_fraction |" in (out / "tradeoff.md").read_text()
+
+
+def test_level_attribution_splits_real_codes_from_drawn_ones(run_dir, gen, tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import level_attribution
+
+    cfg = load_config(run_dir / "config.toml")
+    images, labels = next(level_attribution.training_batches(cfg, 4, 4))
+    # Nothing real: the product's own sampler for these labels and this generator.
+    drawn = level_attribution.images_with_real_levels(gen, images, labels, 0, torch.Generator().manual_seed(7 * 1000003))
+    sampled, _ = gen.sample(4, labels=labels.tolist(), seed=7, batch_size=4)
+    assert torch.equal(drawn, sampled)
+    # Everything real: the VQ-VAE's reconstruction.
+    assert torch.equal(level_attribution.images_with_real_levels(gen, images, labels, 2, torch.Generator()),
+                       gen.reconstruct(images))
+    # The top real: it is kept as given, and the bottom is drawn given it.
+    top = gen.encode(images)[0]
+    codes = gen.draw_codes(gen.plan(4, batch_size=4), labels, 4, torch.Generator().manual_seed(0), above=(top,))
+    assert torch.equal(codes[0], top) and codes[1].shape == gen.encode(images)[1].shape
+    with pytest.raises(ValueError, match="3 levels of codes given for a model of 2"):
+        gen.draw_codes(gen.plan(4, batch_size=4), labels, 4, torch.Generator(), above=(top, top, top))
+
+    weights = SHARED_DATA / INCEPTION_NOFC
+    if not weights.is_file():
+        pytest.skip(f"Inception weights not found at {weights} (set VQGEN_TEST_DATA)")
+    out = tmp_path / "levels"
+    level_attribution.main([str(run_dir), "--num", "8", "--batch", "4", "--out", str(out),
+                            "--set", f"evaluate.inception_weights={weights}", "--set", "evaluate.kid_subset_size=4",
+                            "--set", f"evaluate.stats_cache={tmp_path / 'stats'}"])
+    with open(out / "levels.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["real_levels"], r["drawn_levels"]) for r in rows] == [("none", "top+bottom"), ("top", "bottom"),
+                                                                     ("top+bottom", "none")]
+    assert all(float(r["fid"]) > 0 and int(r["num_samples"]) == 8 for r in rows)

@@ -301,14 +301,25 @@ class VQGen:
                      progress: bool) -> torch.Tensor:
         """uint8 images of ``n`` sets of code maps, drawn from ``generator`` for ``labels`` level by
         level from the top, each given the levels above it."""
+        return self.decode(*self.draw_codes(plan, labels, n, generator, progress=progress))
+
+    @torch.no_grad()
+    def draw_codes(self, plan: SamplePlan, labels: torch.Tensor | None, n: int, generator: torch.Generator, *,
+                   above: Sequence[torch.Tensor] = (), progress: bool = False) -> list[torch.Tensor]:
+        """Every level's code maps, top first, for ``n`` images of ``labels``: ``above`` (the codes of
+        the top ``len(above)`` levels, e.g. of real images) as given, the levels below drawn from
+        ``generator`` one after the other, each given the levels above it."""
         if labels is not None:
             labels = labels.to(self.device)
         options = dict(generator=generator, cached=self.cached, cuda_graphs=self.cuda_graphs, progress=progress)
-        levels, codes = self.vqvae.config.level_names, []
-        for index, prior in enumerate(self.priors):
+        levels, codes = self.vqvae.config.level_names, [c.to(self.device) for c in above]
+        if len(codes) > len(self.priors):
+            raise ValueError(f"{len(codes)} levels of codes given for a model of {len(self.priors)}")
+        for index in range(len(codes), len(self.priors)):
+            prior = self.priors[index]
             codes.append(sample(prior, n, labels=labels if prior.layout.num_classes else None,
                                 condition=tuple(codes) or None, config=plan.sampler(levels, index), **options))
-        return self.decode(*codes)
+        return codes
 
     def score(self, images, labels) -> torch.Tensor:
         """float32 ``[N]``: the classifier's probability of ``labels`` for uint8 ``images``."""
